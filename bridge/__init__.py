@@ -1,0 +1,1 @@
+"""Measurements of the theory's observables on real diffusers UNets (PyTorch)."""

@@ -1,0 +1,1 @@
+"""Command line, configs and run bookkeeping for `resurgence`."""

@@ -1,0 +1,164 @@
+"""The resurgence law of theory.md section 4: one implementation for theory and bridge.
+
+Full-batch GD with step ``lr`` for ``T`` steps on a quadratic with Hessian eigenpairs
+(lambda_i, v_i), started at theta_u with gradient g, moves
+
+    theta_T - theta_u = - sum_i a_i(T) <g, v_i> v_i,   a_i(T) = (1 - (1 - lr lambda_i)^T) / lambda_i,
+
+so the resurgence along the unlearning displacement delta = theta_u - theta_0 is
+
+    rho(T) = sum_i a_i(T) <g, v_i> <v_i, delta> / ||delta||^2.
+
+Everything here is pure ``jax.numpy``: it accepts NumPy arrays, vmaps over configurations and
+jit-compiles once per shape. ``bridge/`` calls these functions with measured eigenpairs; it never
+re-implements them.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+__all__ = [
+    "gd_amplification",
+    "predict_rho",
+    "predict_rho_truncated",
+    "truncated_closure_inputs",
+]
+
+# Below this |lr * lambda| the closed form 1 - (1 - x)^T loses digits; the second-order series
+# lr*T*(1 - (T-1) x / 2) is exact to O(x^2 T^3), far under float64 round-off there.
+_SMALL_CURVATURE = 1e-7
+
+
+def gd_amplification(eigenvalues, lr, steps):
+    r"""Curvature amplification a(lambda, T) of full-batch GD.
+
+    .. math:: a(\lambda, T) = \frac{1 - (1 - \eta\lambda)^T}{\lambda}, \quad a(0, T) = \eta T.
+
+    Args:
+      eigenvalues: Hessian eigenvalues, any shape ``(...)``; may be negative.
+      lr: step size eta (scalar).
+      steps: step counts, shape ``(S,)`` (integers >= 0).
+
+    Returns:
+      Array of shape ``(S, ...)``: a(lambda, T) for each step count (units of lr * steps).
+
+    >>> import numpy as np
+    >>> float(gd_amplification(np.array(2.0), 0.1, np.array([3]))[0])  # (1 - 0.8**3) / 2
+    0.244...
+    """
+    lam = jnp.asarray(eigenvalues)
+    steps = jnp.asarray(steps)
+    lr = jnp.asarray(lr, dtype=lam.dtype if jnp.issubdtype(lam.dtype, jnp.floating) else None)
+    t = steps.reshape(steps.shape + (1,) * lam.ndim).astype(lam.dtype)
+    x = lr * lam
+    base = 1.0 - x
+    # (1 - x)^T for a possibly negative base and integer T, without pow's NaN for base < 0.
+    odd = jnp.mod(steps.reshape(t.shape), 2) == 1
+    sign = jnp.where((base < 0) & odd, -1.0, 1.0)
+    safe_abs = jnp.where(base == 0, 1.0, jnp.abs(base))
+    power = jnp.where(base == 0, jnp.where(t == 0, 1.0, 0.0), sign * jnp.exp(t * jnp.log(safe_abs)))
+    small = jnp.abs(x) < _SMALL_CURVATURE
+    safe_lam = jnp.where(small, 1.0, lam)
+    exact = (1.0 - power) / safe_lam
+    series = lr * t * (1.0 - 0.5 * (t - 1.0) * x)
+    return jnp.where(small, series, exact)
+
+
+def predict_rho(eigenvalues, grad_coords, delta_coords, lr, steps):
+    r"""Resurgence rho(T) of full-batch GD from a complete eigendecomposition (theory.md s.4).
+
+    .. math:: \rho(T) = \sum_i a_i(T)\,\langle g, v_i\rangle\langle v_i, \delta\rangle
+              / \|\delta\|^2
+
+    The eigenbasis must be complete (all eigenpairs), so that ``||delta||^2`` equals
+    ``sum(delta_coords**2)``; for a top-k basis use :func:`predict_rho_truncated`.
+
+    Args:
+      eigenvalues: lambda_i of the fine-tuning Hessian, shape ``(n,)``.
+      grad_coords: <g, v_i> with g the fine-tuning gradient at theta_u, shape ``(n,)``.
+      delta_coords: <delta, v_i> with delta = theta_u - theta_0, shape ``(n,)``.
+      lr: GD step size eta (scalar).
+      steps: step counts T, shape ``(S,)``.
+
+    Returns:
+      rho for each step count, shape ``(S,)`` (dimensionless; 0 = still unlearned, 1 = undone).
+
+    >>> import numpy as np
+    >>> # In-distribution (g = H delta): rho -> projection of delta on range(H) = 0.5 here.
+    >>> lam = np.array([1.0, 0.0]); d = np.array([1.0, 1.0])
+    >>> np.round(np.asarray(predict_rho(lam, lam * d, d, 0.5, np.array([1, 60]))), 6)
+    array([0.25, 0.5 ])
+    """
+    delta_coords = jnp.asarray(delta_coords)
+    return _rho_sum(eigenvalues, grad_coords, delta_coords, lr, steps, jnp.sum(delta_coords**2))
+
+
+def predict_rho_truncated(
+    eigenvalues,
+    grad_coords,
+    delta_coords,
+    lr,
+    steps,
+    *,
+    delta_norm_sq,
+    grad_perp_dot_delta,
+    lambda_perp,
+):
+    r"""Truncated closure rho_k(T) from the top-k eigenpairs (theory.md section 4).
+
+    The remainder g_perp = g - sum_{i<=k} <g, v_i> v_i is treated as one direction with curvature
+    lambda_perp = g_perp^T H g_perp / ||g_perp||^2 (one extra Hessian-vector product):
+
+    .. math:: \rho_k(T) = \sum_{i\le k} a_i(T) g_i \delta_i / \|\delta\|^2
+              + a(\lambda_\perp, T)\,\langle g_\perp, \delta\rangle / \|\delta\|^2
+
+    Args:
+      eigenvalues, grad_coords, delta_coords: top-k quantities, shape ``(k,)``.
+      lr: GD step size; steps: shape ``(S,)``.
+      delta_norm_sq: ||delta||^2 over the whole parameter group (scalar).
+      grad_perp_dot_delta: <g_perp, delta> (scalar).
+      lambda_perp: Rayleigh quotient of H along g_perp (scalar; 0 if g_perp = 0).
+
+    Returns:
+      rho_k for each step count, shape ``(S,)``.
+    """
+    head = _rho_sum(eigenvalues, grad_coords, delta_coords, lr, steps, delta_norm_sq)
+    tail = gd_amplification(jnp.asarray(lambda_perp), lr, steps) * grad_perp_dot_delta
+    return head + tail / delta_norm_sq
+
+
+def truncated_closure_inputs(eigenvalues, eigenvectors, hessian_matvec, grad, delta):
+    """Project g and delta on the top-k eigenvectors and form the closure's remainder terms.
+
+    Args:
+      eigenvalues: shape ``(k,)``; eigenvectors: orthonormal columns, shape ``(n, k)``.
+      hessian_matvec: function v -> H v on flat vectors of shape ``(n,)``.
+      grad: g, shape ``(n,)``; delta: shape ``(n,)``.
+
+    Returns:
+      dict with ``grad_coords``, ``delta_coords`` (each ``(k,)``), ``delta_norm_sq``,
+      ``grad_perp_dot_delta`` and ``lambda_perp``, the keyword arguments of
+      :func:`predict_rho_truncated` besides lr and steps.
+    """
+    grad_coords = eigenvectors.T @ grad
+    delta_coords = eigenvectors.T @ delta
+    g_perp = grad - eigenvectors @ grad_coords
+    g_perp_sq = jnp.sum(g_perp**2)
+    safe = jnp.where(g_perp_sq > 0, g_perp_sq, 1.0)
+    lambda_perp = jnp.where(g_perp_sq > 0, g_perp @ hessian_matvec(g_perp) / safe, 0.0)
+    return {
+        "eigenvalues": jnp.asarray(eigenvalues),
+        "grad_coords": grad_coords,
+        "delta_coords": delta_coords,
+        "delta_norm_sq": jnp.sum(delta**2),
+        "grad_perp_dot_delta": g_perp @ delta,
+        "lambda_perp": lambda_perp,
+    }
+
+
+def _rho_sum(eigenvalues, grad_coords, delta_coords, lr, steps, delta_norm_sq):
+    amp = gd_amplification(eigenvalues, lr, steps)  # (S, n)
+    weights = jnp.asarray(grad_coords) * jnp.asarray(delta_coords)
+    return jnp.sum(amp * weights, axis=-1) / delta_norm_sq
+
