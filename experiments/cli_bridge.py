@@ -1,4 +1,7 @@
-"""`resurgence bridge ...` commands: measurements and experiments on diffusers UNets."""
+"""`resurgence bridge ...` commands: measurements and experiments on diffusers UNets.
+
+Each command's implementation lives in its own module; this file only registers them.
+"""
 
 from __future__ import annotations
 
@@ -8,3 +11,9 @@ bridge_app = typer.Typer(
     help="Real diffusers UNets: measure curvature/subspaces, unlearn, fine-tune, demo.",
     no_args_is_help=True,
 )
+
+# --- measure (curvature and subspaces) -------------------------------------------------------
+# (registered by experiments/cli_bridge_measure.py)
+
+# --- unlearn / finetune / demo (testbed) -----------------------------------------------------
+# (registered by experiments/cli_bridge_testbed.py)
