@@ -5,6 +5,8 @@ array ``(L, d, d + m)`` = [W_t, V_t] per level.
 """
 
 from theory.finetune import (
+    GDResult,
+    finetune_gd,
     FinetuneSetup,
     Trajectory,
     check_gd_step_size,
@@ -48,6 +50,8 @@ from theory.quadratic import (
 )
 
 __all__ = [
+    "GDResult",
+    "finetune_gd",
     "DataDistribution",
     "FinetuneSetup",
     "HessianEigen",

@@ -40,7 +40,7 @@ def probability_vector(name: str, probs) -> np.ndarray:
     if not np.all(np.isfinite(p)) or np.any(p < 0):
         raise ValueError(f"`{name}` must have finite entries >= 0; got {p.tolist()}.")
     if abs(p.sum() - 1.0) > _PROB_SUM_RTOL:
-        raise ValueError(f"`{name}` must sum to 1 (allowed range: entries in [0, 1]); sums to {p.sum()!r}.")
+        raise ValueError(f"`{name}` must sum to 1 (allowed range: entries in [0, 1]); sums to {float(p.sum()):.6g}.")
     return p
 
 
@@ -57,7 +57,7 @@ def spd_matrix(name: str, matrix) -> np.ndarray:
     smallest = np.linalg.eigvalsh(s).min()
     if smallest <= 0:
         raise ValueError(
-            f"`{name}` must be positive definite (SPD); its smallest eigenvalue is {smallest:.3g}."
+            f"`{name}` must be positive definite (SPD); its smallest eigenvalue is {float(smallest):.3g}."
         )
     return s
 

@@ -32,6 +32,8 @@ __all__ = [
     "check_gd_step_size",
     "gd_closed_form",
     "predicted_rho_closed_form",
+    "GDResult",
+    "finetune_gd",
     "Trajectory",
     "simulate_finetune",
 ]
@@ -99,6 +101,48 @@ def predicted_rho_closed_form(setup: FinetuneSetup, lr, steps) -> jax.Array:
     """rho(T) from the law with all eigenpairs: shape ``(S,)``."""
     lam, g, dc = setup.law_inputs()
     return predict_rho(lam, g, dc, lr, steps)
+
+
+class GDResult(NamedTuple):
+    """Closed-form full-batch GD fine-tuning.
+
+    Attributes:
+      steps: ``(S,)``; params: theta_T, ``(S, L, d, d+m)``; rho: resurgence from the law, ``(S,)``;
+      setup: the :class:`FinetuneSetup` (Hessian eigenpairs, g, delta).
+    """
+
+    steps: jax.Array
+    params: jax.Array
+    rho: jax.Array
+    setup: FinetuneSetup
+
+
+def finetune_gd(
+    problem: LinearDiffusionProblem,
+    data: DataDistribution,
+    theta_u: jax.Array,
+    theta_0: jax.Array,
+    lr: float,
+    steps,
+) -> GDResult:
+    """Checked entry point: exact full-batch GD from theta_u on L_ft at every T in ``steps``.
+
+    Raises:
+      ValueError: lr outside (0, 2 / lambda_max) (GD diverges there), or negative / non-integer
+        step counts.
+    """
+    steps_np = np.asarray(steps)
+    if steps_np.ndim != 1 or not np.issubdtype(steps_np.dtype, np.integer) or np.any(steps_np < 0):
+        raise ValueError(f"`steps` must be a 1-D array of integers >= 0; got {steps!r}.")
+    setup = finetune_setup(problem, data, theta_u, theta_0)
+    lr = check_gd_step_size(lr, setup.eigen)
+    steps_j = jnp.asarray(steps_np)
+    return GDResult(
+        steps_j,
+        gd_closed_form(setup, theta_u, lr, steps_j),
+        predicted_rho_closed_form(setup, lr, steps_j),
+        setup,
+    )
 
 
 class Trajectory(NamedTuple):
