@@ -44,8 +44,8 @@ def gd_amplification(eigenvalues, lr, steps):
       Array of shape ``(S, ...)``: a(lambda, T) for each step count (units of lr * steps).
 
     >>> import numpy as np
-    >>> float(gd_amplification(np.array(2.0), 0.1, np.array([3]))[0])  # (1 - 0.8**3) / 2
-    0.244...
+    >>> round(float(gd_amplification(np.array(2.0), 0.1, np.array([3]))[0]), 9)  # (1 - 0.8**3) / 2
+    0.244
     """
     lam = jnp.asarray(eigenvalues)
     steps = jnp.asarray(steps)

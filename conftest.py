@@ -1,4 +1,4 @@
-"""Numerics set once for the whole suite (style.md s.7): float64 JAX, offline hubs."""
+"""Numerics set once for the whole suite and the doctests (style.md s.7): float64 JAX, offline hubs."""
 
 import os
 
