@@ -155,3 +155,21 @@ def test_gd_overshoot_takes_rho_above_one():
     # The counterexample to "rho in [0, 1] for every lr < 2/lambda_max": one mode, lr lam = 1.5.
     r = T.predict_rho(np.array([1.0]), np.array([1.0]), np.array([1.0]), 1.5, np.array([1, 2]))
     np.testing.assert_allclose(np.asarray(r), [1.5, 0.75])
+
+
+def test_resurgence_is_invariant_to_rotations_of_the_embedding_space():
+    # Rotating prompt space (C -> R C, A -> A R^T) maps V -> V R^T and leaves rho unchanged.
+    problem, data, theta0, theta_u = _setup(7)
+    rot, _ = jnp.linalg.qr(jax.random.normal(jax.random.PRNGKey(9), (M, M)))
+    rotated = T.problem_from_arrays(problem.generator @ rot.T, problem.covariance, rot @ problem.embeddings, problem.schedule)
+    rot_data = T.concept_distribution(rotated, data.probs)
+
+    def rotate(theta):
+        return T.join_params(theta[..., :D], theta[..., D:] @ rot.T)
+
+    theta0_r = T.pretrain_closed_form(rotated, T.concept_distribution(rotated, jnp.ones(K) / K))
+    assert_allclose_report(theta0_r, rotate(theta0), rtol=1e-9, atol=1e-11, name="theta_0 rotated")
+    steps, lr = jnp.array([1, 10, 100]), 0.3
+    base = T.predicted_rho_closed_form(T.finetune_setup(problem, data, theta_u, theta0), lr, steps)
+    turned = T.predicted_rho_closed_form(T.finetune_setup(rotated, rot_data, rotate(theta_u), theta0_r), lr, steps)
+    assert_allclose_report(turned, base, rtol=1e-9, atol=1e-12, name="rho")
