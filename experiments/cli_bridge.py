@@ -14,6 +14,14 @@ bridge_app = typer.Typer(
 
 # --- measure (curvature and subspaces) -------------------------------------------------------
 # (registered by experiments/cli_bridge_measure.py)
+from experiments.cli_bridge_measure import measure  # noqa: E402
+
+bridge_app.command("measure")(measure)
 
 # --- unlearn / finetune / demo (testbed) -----------------------------------------------------
 # (registered by experiments/cli_bridge_testbed.py)
+from experiments.cli_bridge_testbed import demo, finetune, unlearn  # noqa: E402
+
+bridge_app.command("unlearn")(unlearn)
+bridge_app.command("finetune")(finetune)
+bridge_app.command("demo")(demo)
