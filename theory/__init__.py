@@ -92,3 +92,15 @@ __all__ = [
     "target_moments",
     "truncated_closure_inputs",
 ]
+
+# Unlearning, sampling, presence and the stage report (issue #3).
+from theory.presence import clip_score, incidental_presence_matrix, presence  # noqa: E402
+from theory.report import StageReport, stage_report  # noqa: E402
+from theory.sampling import DDIMMap, GeneratedDistribution, ddim_affine, ddim_sample, generated_distribution  # noqa: E402
+from theory.unlearning import METHOD_NAMES, PRESETS, UnlearningMethod, compose, unlearn  # noqa: E402
+
+__all__ += [
+    "DDIMMap", "GeneratedDistribution", "METHOD_NAMES", "PRESETS", "StageReport", "UnlearningMethod",
+    "clip_score", "compose", "ddim_affine", "ddim_sample", "generated_distribution",
+    "incidental_presence_matrix", "presence", "stage_report", "unlearn",
+]

@@ -13,7 +13,8 @@ differences between stages carry little Monte-Carlo noise).
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -69,8 +70,14 @@ def _check_classes(problem, concept, classes):
     if classes is None:
         classes = tuple(range(k))
     classes = tuple(int(c) for c in classes)
-    if len(set(classes)) != len(classes) or any(c < 0 or c >= k for c in classes) or len(classes) < 2:
-        raise ValueError(f"`classes` must be >= 2 distinct concept indices in [0, {k - 1}]; got {classes}.")
+    if (
+        len(set(classes)) != len(classes)
+        or any(c < 0 or c >= k for c in classes)
+        or len(classes) < 2
+    ):
+        raise ValueError(
+            f"`classes` must be >= 2 distinct concept indices in [0, {k - 1}]; got {classes}."
+        )
     if concept not in classes:
         raise ValueError(f"`concept` {concept} must be one of `classes` {classes}.")
     return concept, classes
@@ -99,7 +106,9 @@ def presence_monte_carlo(mean, noise_map, weights, biases, key, num_samples: int
 
 
 def _ordered(clf: LDAClassifier, concept: int, classes: tuple[int, ...]):
-    order = jnp.asarray([classes.index(concept)] + [i for i, c in enumerate(classes) if c != concept])
+    order = jnp.asarray(
+        [classes.index(concept)] + [i for i, c in enumerate(classes) if c != concept]
+    )
     return clf.weights[order], clf.biases[order]
 
 

@@ -25,7 +25,13 @@ import jax.numpy as jnp
 from theory.problem import LinearDiffusionProblem
 from theory.quadratic import split_params
 
-__all__ = ["DDIMMap", "GeneratedDistribution", "ddim_affine", "ddim_sample", "generated_distribution"]
+__all__ = [
+    "DDIMMap",
+    "GeneratedDistribution",
+    "ddim_affine",
+    "ddim_sample",
+    "generated_distribution",
+]
 
 
 class DDIMMap(NamedTuple):
@@ -88,7 +94,10 @@ def ddim_affine(problem: LinearDiffusionProblem, theta: jax.Array, guidance_scal
 
 
 def generated_distribution(
-    problem: LinearDiffusionProblem, theta: jax.Array, prompt_embedding: jax.Array, guidance_scale=1.0
+    problem: LinearDiffusionProblem,
+    theta: jax.Array,
+    prompt_embedding: jax.Array,
+    guidance_scale=1.0,
 ) -> GeneratedDistribution:
     """Exact distribution N(s N c, M M^T) of DDIM samples for prompt embedding c ``(m,)``.
 
@@ -96,7 +105,9 @@ def generated_distribution(
     conditional sampling; s = 0 samples the unconditional (null-prompt) model.
     """
     ddim = ddim_affine(problem, theta, guidance_scale)
-    return GeneratedDistribution(ddim.prompt_map @ prompt_embedding, ddim.noise_map @ ddim.noise_map.T)
+    return GeneratedDistribution(
+        ddim.prompt_map @ prompt_embedding, ddim.noise_map @ ddim.noise_map.T
+    )
 
 
 def ddim_sample(

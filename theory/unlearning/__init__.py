@@ -1,0 +1,91 @@
+"""Unlearning as composable parts: target x parameter mask x solver (theory.md section 3).
+
+``unlearn(problem, theta_0, "uce", forget=0)`` applies a named preset; ``compose(target, mask,
+solver, ...)`` builds a custom method from the registries ``TARGETS``, ``MASKS``, ``SOLVERS``.
+"""
+
+from theory.unlearning.compose import (
+    UnlearningMethod,
+    compose,
+    forget_objective,
+    resolve_concepts,
+    unlearn_with,
+    unlearning_objective,
+)
+from theory.unlearning.masks import (
+    MASKS,
+    Mask,
+    all_params,
+    get_mask,
+    reset_repair,
+    saliency,
+    v_only,
+)
+from theory.unlearning.presets import (
+    METHOD_NAMES,
+    PRESETS,
+    erasediff,
+    esd_u,
+    esd_x,
+    get_method,
+    mace,
+    salun,
+    scissorhands,
+    sdd,
+    uce,
+    unlearn,
+)
+from theory.unlearning.solvers import SOLVERS, Solver, closed_form, get_solver, optax_solver
+from theory.unlearning.targets import (
+    TARGETS,
+    Quadratic,
+    Target,
+    anchor,
+    get_target,
+    gradient_ascent,
+    negative_guidance,
+    null,
+    prompt_moments,
+)
+
+__all__ = [
+    "MASKS",
+    "METHOD_NAMES",
+    "PRESETS",
+    "SOLVERS",
+    "TARGETS",
+    "Mask",
+    "Quadratic",
+    "Solver",
+    "Target",
+    "UnlearningMethod",
+    "all_params",
+    "anchor",
+    "closed_form",
+    "compose",
+    "erasediff",
+    "esd_u",
+    "esd_x",
+    "forget_objective",
+    "get_mask",
+    "get_method",
+    "get_solver",
+    "get_target",
+    "gradient_ascent",
+    "mace",
+    "negative_guidance",
+    "null",
+    "optax_solver",
+    "prompt_moments",
+    "reset_repair",
+    "resolve_concepts",
+    "saliency",
+    "salun",
+    "scissorhands",
+    "sdd",
+    "uce",
+    "unlearn",
+    "unlearn_with",
+    "unlearning_objective",
+    "v_only",
+]
