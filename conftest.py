@@ -10,3 +10,8 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 import jax  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
+
+from theory._backend import init_backend_without_lapack_deadlock  # noqa: E402
+
+# Two xdist workers on two cores: one intra-op thread each, and no batched-LAPACK deadlock.
+init_backend_without_lapack_deadlock()

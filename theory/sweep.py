@@ -4,7 +4,10 @@ A scenario is: a random problem (as :func:`theory.make_problem` draws it from ``
 Bayes-optimal pretrained point theta_0, an unlearning edit erasing the first ``num_erased``
 concepts, benign fine-tuning, and every observable of theory.md section 4 at the requested step
 counts. All knobs in :data:`DYNAMIC_KNOBS` are traced scalars, so ``jax.vmap`` over a grid of them
-compiles once; sizes and code choices live in :class:`ScenarioStatic` (a hashable jit-static arg).
+compiles once; sizes live in :class:`ScenarioStatic` (a hashable jit-static arg). Code choices
+(unlearning method, optimizer, number of erased concepts) are *indexed*: the static tuple lists the
+variants, every variant is computed, and the traced ``*_index`` knob selects one, so a whole
+method x optimizer grid is still one compiled function.
 
 Fine-tuning prompts (``finetune``):
 
@@ -12,8 +15,11 @@ Fine-tuning prompts (``finetune``):
   r = M^{-1} c_f is the erased direction of the first erased concept (theory.md s.4 (c)) and u a
   random unit vector orthogonal to it: ``overlap_angle`` is then exactly the principal angle
   between r and the fine-tuning embedding subspace, and ``curvature`` scales its Hessian block.
-* ``"other_concepts"``: the retained concepts, uniformly, embeddings scaled by sqrt(curvature);
-  overlap with r then comes from the shared component rho_c.
+* ``"other_concepts"``: the retained concepts, uniformly, embeddings scaled by sqrt(curvature)
+  (a preserve set protects against these: UCE keeps V c_p fixed, so r is nearly orthogonal to them).
+* ``"new_concepts"``: NEW_PROMPTS unseen prompts sqrt(rho_c) c_common + sqrt(1 - rho_c) u_j sharing
+  the concepts' common component (u_j random, orthogonal to c_common), scaled by sqrt(curvature);
+  overlap with r then comes from the shared component rho_c (theory.md s.4 (c)).
 
 Fine-tuning images come from the true generator, shifted by ``target_shift`` * B c (new concepts,
 B random) and with null-prompt dropout ``p_null``; both make theta_0 sub-optimal (a drift term).
@@ -28,22 +34,32 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from theory.finetune import finetune_setup, gd_closed_form, predicted_rho_closed_form, simulate_finetune
+from theory.finetune import finetune_setup, gd_closed_form, predicted_rho_closed_form
 from theory.law import predict_rho_truncated
 from theory.observables import curvature_along_delta, spectral_weights
 from theory.observables import rho as rho_observable
+from theory.presence import incidental_presence_matrix, presence
 from theory.pretrain import bayes_optimal_denoiser
 from theory.problem import DataDistribution, LinearDiffusionProblem, make_noise_schedule
-from theory.quadratic import diffusion_loss, eigen_coordinates, join_params, second_moments, split_params
+from theory.quadratic import (
+    diffusion_grad,
+    diffusion_loss,
+    eigen_coordinates,
+    second_moments,
+    split_params,
+)
+from theory.unlearning import get_method, resolve_concepts, unlearn, unlearning_objective
+from theory.unlearning.solvers import _solve_masked
 
 __all__ = [
     "DYNAMIC_KNOBS",
+    "INT_KNOBS",
     "FINETUNE_MODES",
     "OPTIMIZERS",
-    "INLINE_METHODS",
     "ScenarioStatic",
     "scenario_problem",
     "run_scenario",
+    "check_unlearning",
 ]
 
 # Traced scalar knobs (one value per configuration) and their defaults.
@@ -52,17 +68,20 @@ DYNAMIC_KNOBS: dict[str, float] = {
     "common_component": 0.3,
     "spectrum_decay": 1.0,
     "generator_scale": 1.0,
-    "num_erased": 1,
-    "uce_ridge": 0.1,
     "overlap_angle": 0.5,
     "curvature": 1.0,
     "p_null": 0.0,
     "target_shift": 0.0,
     "lr": 0.5,
+    "method_index": 0,
+    "optimizer_index": 0,
+    "num_erased_index": 0,
 }
-FINETUNE_MODES = ("constructed", "other_concepts")
+INT_KNOBS = ("seed", "method_index", "optimizer_index", "num_erased_index")
+PRESENCE_SAMPLES = 1024  # Monte-Carlo samples per presence value: standard error <= 0.5/32 ~ 0.016
+FINETUNE_MODES = ("constructed", "other_concepts", "new_concepts")
+NEW_PROMPTS = 3  # prompts of the "new_concepts" fine-tuning set
 OPTIMIZERS = ("gd_closed_form", "gd", "adam")
-INLINE_METHODS = ("uce",)
 _EXTRA_KEY = 7  # fold_in tag for randomness beyond make_problem's (directions, target shift)
 
 
@@ -72,9 +91,12 @@ class ScenarioStatic:
 
     Attributes:
       dim, embed_dim, num_concepts, num_levels: d, m, K, L.
-      method: unlearning method name.
-      optimizer: one of :data:`OPTIMIZERS` (``gd_closed_form`` is exact GD; ``gd`` and ``adam``
-        run optax in ``lax.scan`` on the exact gradient).
+      methods: unlearning methods (names in :data:`theory.unlearning.METHOD_NAMES`), selected by
+        knob ``method_index``.
+      optimizers: names in :data:`OPTIMIZERS` (``gd_closed_form`` is exact GD; ``gd`` and ``adam``
+        run optax in ``lax.scan`` on the exact gradient), selected by ``optimizer_index``.
+      erased_counts: numbers n of erased concepts (concepts 0..n-1, the rest retained), selected
+        by ``num_erased_index``.
       finetune: one of :data:`FINETUNE_MODES`.
       steps: recorded step counts T (sorted, >= 0).
       truncation_ranks: k values of the truncated closure rho_k (top-k Hessian eigenspaces, each
@@ -85,8 +107,9 @@ class ScenarioStatic:
     embed_dim: int = 8
     num_concepts: int = 5
     num_levels: int = 10
-    method: str = "uce"
-    optimizer: str = "gd_closed_form"
+    methods: tuple[str, ...] = ("uce",)
+    optimizers: tuple[str, ...] = ("gd_closed_form",)
+    erased_counts: tuple[int, ...] = (1,)
     finetune: str = "constructed"
     steps: tuple[int, ...] = (0, 10, 100)
     truncation_ranks: tuple[int, ...] = (1, 4)
@@ -94,6 +117,10 @@ class ScenarioStatic:
 
 def scenario_problem(static: ScenarioStatic, knobs: dict) -> LinearDiffusionProblem:
     """The problem :func:`theory.make_problem` draws from ``PRNGKey(seed)``, with traced knobs."""
+    return _problem_and_common(static, knobs)[0]
+
+
+def _problem_and_common(static: ScenarioStatic, knobs: dict):
     d, m, k = static.dim, static.embed_dim, static.num_concepts
     key = jax.random.PRNGKey(knobs["seed"])
     k_basis, k_gen, k_emb = jax.random.split(key, 3)
@@ -101,38 +128,28 @@ def scenario_problem(static: ScenarioStatic, knobs: dict) -> LinearDiffusionProb
     spectrum = jnp.arange(1, d + 1, dtype=q.dtype) ** (-knobs["spectrum_decay"])
     covariance = (q * spectrum) @ q.T
     covariance = 0.5 * (covariance + covariance.T)
-    generator = jax.random.normal(k_gen, (d, m), dtype=q.dtype) * (knobs["generator_scale"] / np.sqrt(m))
+    generator = jax.random.normal(k_gen, (d, m), dtype=q.dtype) * (
+        knobs["generator_scale"] / np.sqrt(m)
+    )
     basis, _ = jnp.linalg.qr(jax.random.normal(k_emb, (m, k + 1)))
     rho_c = knobs["common_component"]
     embeddings = jnp.sqrt(rho_c) * basis[:, :1] + jnp.sqrt(1.0 - rho_c) * basis[:, 1:]
-    return LinearDiffusionProblem(generator, covariance, embeddings, make_noise_schedule(static.num_levels))
+    problem = LinearDiffusionProblem(
+        generator, covariance, embeddings, make_noise_schedule(static.num_levels)
+    )
+    return problem, basis[:, 0]
 
 
-def _erase_mask(static: ScenarioStatic, num_erased) -> jax.Array:
+def _erase_mask(static: ScenarioStatic, num_erased: int) -> jax.Array:
     return (jnp.arange(static.num_concepts) < num_erased).astype(jnp.float64)
-
-
-def _inline_uce(problem, theta_0, erased, ridge):
-    r"""V-only UCE with the null anchor and the other concepts retained (theory.md s.3).
-
-    V' = V0 (lambda I + C_p C_p^T) G^{-1}, G = lambda I + C_e C_e^T + C_p C_p^T. Returns
-    (theta_u, G).
-    """
-    c = problem.embeddings
-    retained = 1.0 - erased
-    eye = jnp.eye(c.shape[0], dtype=c.dtype)
-    gram = ridge * eye + (c * (erased + retained)) @ c.T
-    w0, v0 = split_params(theta_0, problem.dim)
-    v_u = v0 @ (ridge * eye + (c * retained) @ c.T) @ jnp.linalg.inv(gram)
-    return join_params(w0, v_u), gram
 
 
 def _unit(x):
     return x / jnp.linalg.norm(x)
 
 
-def _finetune_distribution(static, problem, knobs, erased, erased_direction, extra_key):
-    k_u, k_shift = jax.random.split(extra_key)
+def _finetune_distribution(static, problem, knobs, erased, erased_direction, extra_key, common):
+    k_u, k_shift, k_new = jax.random.split(extra_key, 3)
     m = static.embed_dim
     scale = jnp.sqrt(knobs["curvature"])
     if static.finetune == "constructed":
@@ -142,6 +159,15 @@ def _finetune_distribution(static, problem, knobs, erased, erased_direction, ext
         angle = knobs["overlap_angle"]
         emb = (scale * (jnp.cos(angle) * r_hat + jnp.sin(angle) * u))[:, None]
         probs = jnp.ones((1,), emb.dtype)
+    elif static.finetune == "new_concepts":
+        raw = jax.random.normal(k_new, (m, NEW_PROMPTS), dtype=common.dtype)
+        raw = raw - common[:, None] * (common @ raw)[None]
+        rho_c = knobs["common_component"]
+        unit = jnp.sqrt(rho_c) * common[:, None] + jnp.sqrt(1.0 - rho_c) * raw / jnp.linalg.norm(
+            raw, axis=0
+        )
+        emb = scale * unit
+        probs = jnp.full((NEW_PROMPTS,), 1.0 / NEW_PROMPTS, emb.dtype)
     else:
         emb = scale * problem.embeddings
         retained = 1.0 - erased
@@ -154,7 +180,7 @@ def _finetune_distribution(static, problem, knobs, erased, erased_direction, ext
 def _angles(forget_basis, forget_weights, ft_embeddings, ft_probs):
     """Principal angles (ascending, radians) between span(forget columns) and span(ft prompts).
 
-    Columns with weight 0 are excluded; angles beyond the smaller rank are NaN. Shape ``(K,)``.
+    Columns with weight 0 are excluded; angles beyond the smaller rank are NaN. Shape ``(p,)``.
     """
 
     def range_basis(vectors, weights):
@@ -184,7 +210,9 @@ def _truncated(setup, lr, steps, ranks):
         top = jnp.broadcast_to((rank_of < k)[:, None, :], g.shape)
         g_perp_sq = jnp.sum(jnp.where(top, 0.0, g**2))
         safe = jnp.where(g_perp_sq > 0, g_perp_sq, 1.0)
-        lambda_perp = jnp.where(g_perp_sq > 0, jnp.sum(jnp.where(top, 0.0, lam_full * g**2)) / safe, 0.0)
+        lambda_perp = jnp.where(
+            g_perp_sq > 0, jnp.sum(jnp.where(top, 0.0, lam_full * g**2)) / safe, 0.0
+        )
         out.append(
             predict_rho_truncated(
                 lam_full.reshape(-1),
@@ -200,61 +228,139 @@ def _truncated(setup, lr, steps, ranks):
     return jnp.stack(out)
 
 
-def _unlearn(static, problem, theta_0, knobs, erased):
-    """theta_u and the erased embedding directions r_e = M^{-1} c_e (columns, shape (m, K))."""
-    if static.method not in INLINE_METHODS:
-        raise ValueError(f"`method` must be one of {INLINE_METHODS}; got {static.method!r}.")
-    theta_u, gram = _inline_uce(problem, theta_0, erased, knobs["uce_ridge"])
-    return theta_u, jnp.linalg.solve(gram, problem.embeddings)
+def _unlearn(problem, theta_0, method_name: str, num_erased: int):
+    """theta_u from the named method, and the erased embedding directions (columns, (m, n_erased)).
+
+    The steps of :func:`theory.unlearning.unlearn_with` without its eager checks, which need
+    concrete values (the engine runs :func:`check_unlearning` once per group for them). The erased
+    directions are the top right-singular vectors of the V displacement stacked over levels; for
+    UCE they span {M^{-1} c_e} exactly (Delta V = sum_e (V0 c_a - V0 c_e) (M^{-1} c_e)^T).
+    """
+    method = get_method(method_name)
+    forget, retain = resolve_concepts(problem, tuple(range(num_erased)), None)
+    forget_q, total = unlearning_objective(problem, theta_0, method, forget, retain)
+    weights = problem.schedule.weights
+    mask, start = method.mask.select(theta_0, forget_q.grad(theta_0, weights), problem.dim)
+    if method.solver.name == "closed_form":
+        theta_u = _solve_masked(total, mask, start)
+    else:
+        theta_u = method.solver.solve(total, weights, mask, start)
+    dv = split_params(theta_u - theta_0, problem.dim)[1].reshape(-1, problem.embed_dim)
+    _, _, vh = jnp.linalg.svd(dv, full_matrices=False)
+    return theta_u, vh[:num_erased].T
+
+
+def check_unlearning(static: ScenarioStatic, knobs: dict) -> None:
+    """Run :func:`theory.unlearning.unlearn` eagerly for every method and erased count on one
+    configuration, so that the methods' own checks raise with their messages.
+
+    Raises:
+      ValueError: from the unlearning method (e.g. an unbounded closed-form objective).
+    """
+    problem = scenario_problem(static, {k: jnp.asarray(v) for k, v in knobs.items()})
+    theta_0 = bayes_optimal_denoiser(problem)
+    for method in static.methods:
+        for n in static.erased_counts:
+            unlearn(problem, theta_0, method, tuple(range(n)))
+
+
+def _select(index, variants):
+    """variants[index] for a traced index over a list of equally shaped pytrees."""
+    return jax.tree.map(lambda *xs: jnp.stack(xs)[index], *variants)
+
+
+def _simulate(name, lr, moments, sched, theta_u, steps: tuple[int, ...]):
+    """theta_T at each T in ``steps`` for an optax optimizer on the exact loss (one lax.scan)."""
+    opt = optax.sgd(lr) if name == "gd" else optax.adam(lr)
+    slot = np.full(max(steps) + 1, -1)
+    slot[list(steps)] = np.arange(len(steps))
+    record = jnp.asarray(slot)
+
+    def step(carry, t):
+        params, state, buf = carry
+        buf = jnp.where(record[t] >= 0, buf.at[jnp.maximum(record[t], 0)].set(params), buf)
+        updates, state = opt.update(diffusion_grad(params, moments, sched), state, params)
+        return (optax.apply_updates(params, updates), state, buf), None
+
+    buf = jnp.zeros((len(steps),) + theta_u.shape, theta_u.dtype)
+    (_, _, buf), _ = jax.lax.scan(
+        step, (theta_u, opt.init(theta_u), buf), jnp.arange(max(steps) + 1)
+    )
+    return buf
 
 
 def run_scenario(static: ScenarioStatic, knobs: dict) -> dict[str, jax.Array]:
-    """All observables of one scenario. ``knobs`` maps every name in :data:`DYNAMIC_KNOBS` to a scalar.
+    """All observables of one scenario; ``knobs`` maps each :data:`DYNAMIC_KNOBS` name to a scalar.
 
     Returns:
-      dict with ``rho``, ``predicted_rho``, ``forget_loss_recovery`` (each ``(S,)``),
-      ``predicted_rho_truncated`` ``(R, S)``, ``curvature_along_delta`` and ``lambda_max``
-      (scalars), ``spectral_weights`` and ``hessian_eigenvalues`` ``(L, d + m)``, and
-      ``principal_angles`` ``(K,)`` (radians; NaN past the smaller rank).
+      dict with ``rho``, ``predicted_rho``, ``forget_loss_recovery``, ``presence`` (each ``(S,)``;
+      presence of concept 0 under its own prompt after T fine-tuning steps), ``presence_before``
+      (at theta_0), ``incidental_presence`` ``(2, K)`` (presence of concept 0 under each concept's
+      prompt after unlearning and after the last fine-tuning step), ``predicted_rho_truncated``
+      ``(R, S)``, ``curvature_along_delta`` and
+      ``lambda_max`` (scalars), ``spectral_weights`` and ``hessian_eigenvalues`` ``(L, d + m)``,
+      and ``principal_angles`` ``(max n,)`` (radians; NaN past the smaller rank).
     """
-    problem = scenario_problem(static, knobs)
+    problem, common = _problem_and_common(static, knobs)
     extra_key = jax.random.fold_in(jax.random.PRNGKey(knobs["seed"]), _EXTRA_KEY)
     theta_0 = bayes_optimal_denoiser(problem)
-    erased = _erase_mask(static, knobs["num_erased"])
-    theta_u, directions = _unlearn(static, problem, theta_0, knobs, erased)
-    ft = _finetune_distribution(static, problem, knobs, erased, directions[:, 0], extra_key)
+    n_max = max(static.erased_counts)
+    variants = []
+    for n in static.erased_counts:
+        per_method = []
+        for name in static.methods:
+            theta_u, directions = _unlearn(problem, theta_0, name, n)
+            pad = jnp.full((static.embed_dim, n_max - n), jnp.nan)
+            per_method.append((theta_u, jnp.concatenate([directions, pad], axis=1)))
+        variants.append((_select(knobs["method_index"], per_method), _erase_mask(static, n)))
+    (theta_u, directions), erased = _select(knobs["num_erased_index"], variants)
+    ft = _finetune_distribution(static, problem, knobs, erased, directions[:, 0], extra_key, common)
     forget = DataDistribution(
-        problem.embeddings, problem.concept_means, erased / jnp.sum(erased), jnp.zeros((), theta_0.dtype)
+        problem.embeddings,
+        problem.concept_means,
+        erased / jnp.sum(erased),
+        jnp.zeros((), theta_0.dtype),
     )
     setup = finetune_setup(problem, ft, theta_u, theta_0)
     steps = jnp.asarray(static.steps)
     lr = knobs["lr"]
-    forget_moments = second_moments(problem, forget)
     sched = problem.schedule
+    thetas = []
+    for name in static.optimizers:
+        if name == "gd_closed_form":
+            thetas.append(gd_closed_form(setup, theta_u, lr, steps))
+        else:
+            thetas.append(_simulate(name, lr, setup.moments, sched, theta_u, static.steps))
+    thetas = _select(knobs["optimizer_index"], thetas)  # (S, L, d, d+m)
+    forget_moments = second_moments(problem, forget)
 
     def forget_loss(theta):
         return diffusion_loss(theta, forget_moments, sched)
 
-    if static.optimizer == "gd_closed_form":
-        thetas = gd_closed_form(setup, theta_u, lr, steps)
-        rho = rho_observable(thetas, theta_u, theta_0)
-        f_loss = jax.vmap(forget_loss)(thetas)
-    else:
-        opt = optax.sgd(lr) if static.optimizer == "gd" else optax.adam(lr)
-        traj = simulate_finetune(problem, ft, theta_u, theta_0, opt, max(max(static.steps), 1), forget=forget)
-        rho, f_loss = traj.rho[steps], traj.forget_loss[steps]
+    def presence_of_erased(theta):
+        return presence(problem, theta, problem.embeddings[:, 0], 0, num_samples=PRESENCE_SAMPLES)
+
+    def incidental(theta):
+        return incidental_presence_matrix(problem, theta, [0], num_samples=PRESENCE_SAMPLES)
+
+    f_loss = jax.vmap(forget_loss)(thetas)
     recovery = (forget_loss(theta_u) - f_loss) / (forget_loss(theta_u) - forget_loss(theta_0))
+    is_adam = jnp.asarray([o == "adam" for o in static.optimizers])[knobs["optimizer_index"]]
     predicted = predicted_rho_closed_form(setup, lr, steps)
-    if static.optimizer == "adam":
-        predicted = jnp.full_like(predicted, jnp.nan)  # the GD law does not cover Adam
+    valid = jnp.where(jnp.isnan(directions), 0.0, directions)
     return {
-        "rho": rho,
-        "predicted_rho": predicted,
+        "rho": rho_observable(thetas, theta_u, theta_0),
+        "predicted_rho": jnp.where(is_adam, jnp.nan, predicted),  # the GD law does not cover Adam
         "predicted_rho_truncated": _truncated(setup, lr, steps, static.truncation_ranks),
         "forget_loss_recovery": recovery,
+        "presence": jax.vmap(presence_of_erased)(thetas),
+        "presence_before": presence_of_erased(theta_0),
+        "incidental_presence": jnp.concatenate([incidental(theta_u), incidental(thetas[-1])]),
         "curvature_along_delta": curvature_along_delta(setup.delta, setup.eigen),
         "spectral_weights": spectral_weights(setup.delta, setup.eigen),
         "hessian_eigenvalues": setup.eigen.eigenvalues,
         "lambda_max": setup.eigen.lambda_max,
-        "principal_angles": _angles(directions, erased, ft.embeddings, ft.probs),
+        "principal_angles": _angles(
+            valid, (~jnp.isnan(directions[0])).astype(valid.dtype), ft.embeddings, ft.probs
+        ),
     }
