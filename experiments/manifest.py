@@ -19,8 +19,18 @@ __all__ = ["config_hash", "git_commit", "package_versions", "write_manifest", "M
 
 MANIFEST_NAME = "manifest.json"
 _PACKAGES = (
-    "resurgence", "jax", "jaxlib", "numpy", "scipy", "optax", "xarray", "h5netcdf", "matplotlib",
-    "torch", "diffusers", "transformers",
+    "resurgence",
+    "jax",
+    "jaxlib",
+    "numpy",
+    "scipy",
+    "optax",
+    "xarray",
+    "h5netcdf",
+    "matplotlib",
+    "torch",
+    "diffusers",
+    "transformers",
 )
 
 
@@ -40,11 +50,20 @@ def git_commit(folder=None) -> dict[str, Any]:
     cwd = Path(folder) if folder else Path(__file__).resolve().parent
     try:
         sha = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True, timeout=10
+            ["git", "rev-parse", "HEAD"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
         ).stdout.strip()
         status = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=cwd, capture_output=True, text=True, check=True, timeout=10,
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
         ).stdout
         return {"commit": sha, "dirty": bool(status.strip())}
     except (OSError, subprocess.SubprocessError):
@@ -52,8 +71,12 @@ def git_commit(folder=None) -> dict[str, Any]:
 
 
 def config_hash(config: Any) -> str:
-    """sha256 (16 hex digits) of a config: its ``to_toml()`` text if it has one, else sorted JSON."""
-    text = config.to_toml() if hasattr(config, "to_toml") else json.dumps(config, sort_keys=True, default=str)
+    """sha256 (16 hex digits) of a config: its ``to_toml()`` text, else its sorted JSON."""
+    text = (
+        config.to_toml()
+        if hasattr(config, "to_toml")
+        else json.dumps(config, sort_keys=True, default=str)
+    )
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

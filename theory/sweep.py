@@ -48,8 +48,7 @@ from theory.quadratic import (
     second_moments,
     split_params,
 )
-from theory.unlearning import get_method, resolve_concepts, unlearn, unlearning_objective
-from theory.unlearning.solvers import _solve_masked
+from theory.unlearning import get_method, unlearn, unlearn_with
 
 __all__ = [
     "DYNAMIC_KNOBS",
@@ -231,20 +230,12 @@ def _truncated(setup, lr, steps, ranks):
 def _unlearn(problem, theta_0, method_name: str, num_erased: int):
     """theta_u from the named method, and the erased embedding directions (columns, (m, n_erased)).
 
-    The steps of :func:`theory.unlearning.unlearn_with` without its eager checks, which need
-    concrete values (the engine runs :func:`check_unlearning` once per group for them). The erased
+    Traced through :func:`theory.unlearning.unlearn_with`; the closed-form solver's eager
+    unboundedness check runs once per group in :func:`check_unlearning`. The erased
     directions are the top right-singular vectors of the V displacement stacked over levels; for
     UCE they span {M^{-1} c_e} exactly (Delta V = sum_e (V0 c_a - V0 c_e) (M^{-1} c_e)^T).
     """
-    method = get_method(method_name)
-    forget, retain = resolve_concepts(problem, tuple(range(num_erased)), None)
-    forget_q, total = unlearning_objective(problem, theta_0, method, forget, retain)
-    weights = problem.schedule.weights
-    mask, start = method.mask.select(theta_0, forget_q.grad(theta_0, weights), problem.dim)
-    if method.solver.name == "closed_form":
-        theta_u = _solve_masked(total, mask, start)
-    else:
-        theta_u = method.solver.solve(total, weights, mask, start)
+    theta_u, _ = unlearn_with(problem, theta_0, get_method(method_name), tuple(range(num_erased)))
     dv = split_params(theta_u - theta_0, problem.dim)[1].reshape(-1, problem.embed_dim)
     _, _, vh = jnp.linalg.svd(dv, full_matrices=False)
     return theta_u, vh[:num_erased].T

@@ -1,0 +1,380 @@
+r"""Benign fine-tuning of an unlearned UNet with resurgence tracking, checkpoints and resume.
+
+Every ``track_every`` steps the tracker records, over the measured parameter group
+(theory.md section 4):
+
+.. math:: \rho(T) = -\frac{\langle \theta_T - \theta_u, \delta\rangle}{\|\delta\|^2},
+          \quad \delta = \theta_u - \theta_0,
+
+``forget_loss_recovery`` :math:`(L_f(\theta_u) - L_f(\theta_T)) / (L_f(\theta_u) - L_f(\theta_0))`
+and any presence hooks (erased concepts under their own prompts, incidental presence under
+unrelated prompts). A checkpoint (trainable tensors, optimizer, RNG, history) is written
+atomically every ``checkpoint_every`` steps; a rerun with the same output folder resumes from
+it and reproduces the uninterrupted run exactly. A non-finite loss stops the run with the last
+good state saved and raises :class:`NonFiniteLossError`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from bridge.groups import ParameterGroup, select_group
+from bridge.loss import ProbeBatch
+
+__all__ = [
+    "FinetuneConfig",
+    "FinetuneData",
+    "FinetuneResult",
+    "NonFiniteLossError",
+    "finetune",
+    "forget_loss",
+    "group_values",
+    "resurgence_rho",
+]
+
+OPTIMIZERS = ("sgd", "adamw")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when the fine-tuning loss becomes NaN/inf; the last good state is on disk."""
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+    """Fine-tuning hyper-parameters (all recorded in the checkpoint and manifest).
+
+    Attributes:
+      steps: optimizer steps. lr: learning rate. optimizer: ``"sgd"`` or ``"adamw"``.
+      weight_decay: AdamW decoupled weight decay. batch_size: images per step (stochastic mode).
+      trainable: parameter group trained: a :data:`bridge.groups.PRESETS` name or a regex over
+        parameter names (``"all"`` = full fine-tuning), or ``"lora"``.
+      lora_rank: LoRA rank when ``trainable == "lora"`` (targets attention projections).
+      measured_group: group over which ``rho`` is measured (``"cross-attn-kv"``).
+      track_every: steps between tracking records. checkpoint_every: steps between checkpoints.
+      p_null: caption drop probability (classifier-free guidance, as in pretraining).
+      full_batch: if True, every step is a full-batch GD step on the frozen probe batches
+        (the setting of the resurgence law); otherwise minibatches are drawn from the data.
+      seed: seed of minibatches, timesteps and noise.
+    """
+
+    steps: int = 100
+    lr: float = 1e-4
+    optimizer: Literal["sgd", "adamw"] = "adamw"
+    weight_decay: float = 0.0
+    batch_size: int = 16
+    trainable: str = "all"
+    lora_rank: int = 4
+    measured_group: str = "cross-attn-kv"
+    track_every: int = 10
+    checkpoint_every: int = 10
+    p_null: float = 0.0
+    full_batch: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(
+                f"`optimizer` must be one of {list(OPTIMIZERS)}, got {self.optimizer!r}."
+            )
+        if self.steps < 0 or self.track_every < 1 or self.checkpoint_every < 1:
+            raise ValueError("`steps` must be >= 0 and `track_every`, `checkpoint_every` >= 1.")
+
+    def digest(self) -> str:
+        """Hash of the config (a checkpoint only resumes a run with the same config)."""
+        blob = json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+@dataclasses.dataclass
+class FinetuneData:
+    """Fine-tuning data: model-space images ``(N, C, H, W)`` (pixels or VAE latents, scaled) and
+    their text embeddings ``(N, seq, dim)``; ``null_embedding`` ``(1, seq, dim)`` for ``p_null``.
+    ``probe_batches`` (frozen quadrature from :func:`bridge.loss.make_probe_batches`) are used
+    when ``FinetuneConfig.full_batch`` is True."""
+
+    images: torch.Tensor | None = None
+    embeddings: torch.Tensor | None = None
+    null_embedding: torch.Tensor | None = None
+    probe_batches: Sequence[ProbeBatch] | None = None
+
+    def __post_init__(self) -> None:
+        if self.images is None and self.probe_batches:
+            return  # full-batch GD on the frozen quadrature only
+        if self.images is None or self.embeddings is None:
+            raise ValueError(
+                "give `images` and `embeddings`, or `probe_batches` for full-batch GD."
+            )
+        if len(self.images) == 0:
+            raise ValueError("fine-tuning data is empty: give at least one image.")
+        if self.embeddings.shape[0] != self.images.shape[0]:
+            raise ValueError(
+                f"{self.images.shape[0]} images but {self.embeddings.shape[0]} caption embeddings."
+            )
+
+
+@dataclasses.dataclass
+class FinetuneResult:
+    """The fine-tuned UNet (LoRA merged), the tracking history and the output folder."""
+
+    unet: Any
+    history: list[dict[str, float]]
+    out_dir: Path | None
+
+
+def resurgence_rho(theta_t: torch.Tensor, theta_u: torch.Tensor, theta_0: torch.Tensor) -> float:
+    r""":math:`\rho = -\langle\theta_T - \theta_u, \delta\rangle/\|\delta\|^2` of flat ``(n,)``.
+
+    >>> resurgence_rho(torch.tensor([0.5]), torch.tensor([1.0]), torch.tensor([0.0]))
+    0.5
+
+    Raises:
+      ValueError: if delta = theta_u - theta_0 is zero (nothing was unlearned in this group).
+    """
+    delta = (theta_u - theta_0).double()
+    nrm = float(delta @ delta)
+    if nrm == 0.0:
+        raise ValueError(
+            "delta = theta_u - theta_0 is zero over the measured group: nothing to track."
+        )
+    return float(-((theta_t.double() - theta_u.double()) @ delta) / nrm)
+
+
+@torch.no_grad()
+def forget_loss(unet, batches: Sequence[ProbeBatch]) -> float:
+    """Mean squared epsilon error of ``unet`` on frozen probe batches of the forget concept."""
+    ref = next(unet.parameters())
+    total = 0.0
+    for b in batches:
+        b = b.to(ref.device, ref.dtype)
+        err = unet(b.noisy, b.timesteps, encoder_hidden_states=b.cond).sample - b.target
+        total += float((err * err).mean())
+    return total / len(batches)
+
+
+def group_values(unet, group: ParameterGroup) -> torch.Tensor:
+    """Effective values of ``group`` in ``unet``, flat ``(n,)``: LoRA deltas merged in."""
+    modules = dict(unet.named_modules())
+    params = dict(unet.named_parameters())
+    out = []
+    for name in group.names:
+        if name in params:
+            out.append(params[name].detach().reshape(-1))
+            continue
+        mod_name, _, leaf = name.rpartition(".")
+        module = modules[mod_name]
+        base = getattr(module, "base_layer", module)
+        value = getattr(base, leaf).detach()
+        if leaf == "weight" and hasattr(module, "get_delta_weight"):
+            for adapter in getattr(module, "active_adapters", []):
+                value = value + module.get_delta_weight(adapter).detach()
+        out.append(value.reshape(-1))
+    return torch.cat(out)
+
+
+def _merged_copy(start_unet, trained, lora: bool):
+    if not lora:
+        return trained
+    merged = copy.deepcopy(start_unet)
+    group = select_group(merged, r"attn[12]\.(to_[qkv]|to_out\.0)\.weight$")
+    values = group.unflatten(group_values(trained, group).to(next(merged.parameters())))
+    params = dict(merged.named_parameters())
+    with torch.no_grad():
+        for n, v in values.items():
+            params[n].copy_(v)
+    return merged
+
+
+def _trainable_unet(unet, cfg: FinetuneConfig):
+    model = copy.deepcopy(unet)
+    if cfg.trainable == "lora":
+        from peft import LoraConfig
+
+        model.requires_grad_(False)
+        model.add_adapter(
+            LoraConfig(
+                r=cfg.lora_rank,
+                lora_alpha=cfg.lora_rank,
+                init_lora_weights="gaussian",
+                target_modules=["to_k", "to_q", "to_v", "to_out.0"],
+            )
+        )
+    else:
+        group = set(select_group(model, cfg.trainable).names)
+        for n, p in model.named_parameters():
+            p.requires_grad_(n in group)
+    return model
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+def finetune(
+    unet,
+    data: FinetuneData,
+    cfg: FinetuneConfig,
+    *,
+    scheduler,
+    base_unet=None,
+    forget_batches: Sequence[ProbeBatch] | None = None,
+    presence: Callable[[Any], dict[str, float]] | None = None,
+    out_dir: str | Path | None = None,
+    on_step: Callable[[int], None] | None = None,
+    progress: bool = True,
+) -> FinetuneResult:
+    """Fine-tune ``unet`` (the unlearned theta_u) on ``data``, tracking resurgence.
+
+    Args:
+      unet: the unlearned UNet (not modified; a copy is trained).
+      data: :class:`FinetuneData`.
+      cfg: :class:`FinetuneConfig`.
+      scheduler: training noise scheduler (``add_noise``).
+      base_unet: the original theta_0; needed for ``rho`` and ``forget_loss_recovery``.
+      forget_batches: frozen probe batches of the erased concept (its images and prompt) for
+        ``forget_loss_recovery``.
+      presence: hook ``unet -> {name: value}`` evaluated at every tracking step.
+      out_dir: folder for ``checkpoint.pt``, ``history.json`` and the final ``unet/``; a rerun
+        with the same folder and config resumes from the checkpoint.
+      on_step: called with the step number after each step (tests use it to interrupt a run).
+
+    Returns:
+      :class:`FinetuneResult`.
+
+    Raises:
+      NonFiniteLossError: if the loss becomes non-finite (the last good state is saved).
+      ValueError: if a checkpoint in ``out_dir`` was written with another config.
+    """
+    model = _trainable_unet(unet, cfg)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(trainable, lr=cfg.lr)
+    else:
+        opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    ref = next(unet.parameters())
+
+    group = select_group(unet, cfg.measured_group)
+    theta_u = group.values(unet)
+    theta_0 = group.values(base_unet) if base_unet is not None else None
+    lf_u = lf_0 = None
+    if forget_batches and base_unet is not None:
+        lf_u, lf_0 = forget_loss(unet, forget_batches), forget_loss(base_unet, forget_batches)
+
+    out = Path(out_dir) if out_dir is not None else None
+    ckpt = out / "checkpoint.pt" if out is not None else None
+    history: list[dict[str, float]] = []
+    start = 0
+    if ckpt is not None and ckpt.is_file():
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        if state["config_digest"] != cfg.digest():
+            raise ValueError(
+                f"checkpoint {ckpt} was written with another fine-tuning config "
+                f"({state['config']}); use a new --out folder or delete the checkpoint."
+            )
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        with torch.no_grad():
+            params = dict(model.named_parameters())
+            for n in names:
+                params[n].copy_(state["trainable"][n])
+        opt.load_state_dict(state["optimizer"])
+        gen.set_state(state["rng"])
+        start, history = state["step"], state["history"]
+
+    def save_checkpoint(step: int) -> None:
+        if ckpt is None:
+            return
+        out.mkdir(parents=True, exist_ok=True)
+        trainable_state = {
+            n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad
+        }
+        _atomic_save(
+            {
+                "step": step,
+                "trainable": trainable_state,
+                "optimizer": opt.state_dict(),
+                "rng": gen.get_state(),
+                "history": history,
+                "config": dataclasses.asdict(cfg),
+                "config_digest": cfg.digest(),
+            },
+            ckpt,
+        )
+
+    def track(step: int, loss: float | None) -> None:
+        rec: dict[str, float | None] = {"step": step, "loss": loss}
+        if theta_0 is not None:
+            rec["rho"] = resurgence_rho(group_values(model, group), theta_u, theta_0)
+        if lf_u is not None:
+            denom = lf_u - lf_0
+            rec["forget_loss"] = forget_loss(model, forget_batches)
+            rec["forget_loss_recovery"] = (
+                (lf_u - rec["forget_loss"]) / denom if denom else float("nan")
+            )
+        if presence is not None:
+            rec.update({k: float(v) for k, v in presence(model).items()})
+        history.append(rec)
+
+    def step_loss() -> torch.Tensor:
+        if cfg.full_batch:
+            if not data.probe_batches:
+                raise ValueError("`full_batch=True` needs `data.probe_batches`.")
+            total = 0.0
+            for b in data.probe_batches:
+                b = b.to(ref.device, ref.dtype)
+                err = model(b.noisy, b.timesteps, encoder_hidden_states=b.cond).sample - b.target
+                total = total + (err * err).mean()
+            return total / len(data.probe_batches)
+        n = data.images.shape[0]
+        idx = torch.randint(
+            0, n, (min(cfg.batch_size, n) if cfg.batch_size > 0 else n,), generator=gen
+        )
+        x0 = data.images[idx].to(ref)
+        c = data.embeddings[idx].to(ref)
+        if cfg.p_null > 0 and data.null_embedding is not None:
+            drop = torch.rand(len(idx), generator=gen) < cfg.p_null
+            c = torch.where(drop[:, None, None], data.null_embedding.to(ref), c)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(idx),), generator=gen)
+        noise = torch.randn(x0.shape, generator=gen).to(ref)
+        xt = scheduler.add_noise(x0, noise, t)
+        err = model(xt, t.to(ref.device), encoder_hidden_states=c).sample - noise
+        return (err * err).mean()
+
+    model.eval()  # no dropout: the loss is a deterministic function of weights and draws
+    if start == 0 and not history:
+        with torch.no_grad():
+            track(0, None)
+    for step in tqdm(range(start + 1, cfg.steps + 1), desc="finetune", disable=not progress):
+        loss = step_loss()
+        if not torch.isfinite(loss):
+            save_checkpoint(step - 1)
+            where = f"; last good state (step {step - 1}) saved in {ckpt}" if ckpt else ""
+            raise NonFiniteLossError(
+                f"fine-tuning loss is {float(loss.detach())} at step {step} (lr={cfg.lr}, "
+                f"optimizer={cfg.optimizer}){where}. Lower the learning rate."
+            )
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        last_loss = float(loss.detach())
+        if step % cfg.track_every == 0 or step == cfg.steps:
+            with torch.no_grad():
+                track(step, last_loss)
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            save_checkpoint(step)
+        if on_step is not None:
+            on_step(step)
+    final = _merged_copy(unet, model, cfg.trainable == "lora").eval()
+    if out is not None:
+        (out / "history.json").write_text(json.dumps(history, indent=2) + "\n")
+    return FinetuneResult(unet=final, history=history, out_dir=out)

@@ -1,0 +1,265 @@
+"""The whole testbed, end to end, with every stage cached on disk (a rerun skips finished stages).
+
+pretrain -> classifier -> unlearn (UCE, UCE V-only, ESD-x, ...) -> presence before/after ->
+predicted rho (bridge curvature + theory law) for several learning rates -> measured rho of
+full-batch GD on the same frozen loss -> realistic AdamW fine-tuning of the whole UNet with
+presence tracking -> results (netCDF + JSON + manifest) and figures.
+
+Run folder layout::
+
+    run/base/                 pretrained pipeline (SD layout)
+    run/classifier.pt, classifier.json
+    run/unlearned/<method>/   unlearned pipelines with manifest.json
+    run/predict/<method>.json predicted rho over (lr, step), spectrum
+    run/gd/<method>/lr_<lr>/  measured GD fine-tuning (checkpoint.pt, history.json)
+    run/adamw/<method>/       realistic fine-tuning (checkpoint.pt, history.json)
+    run/presence.json         presence before / after unlearning
+    run/results.nc, results.json, manifest.json
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tomllib
+import torch
+
+from bridge.testbed.world import ConceptWorld
+
+__all__ = ["DemoConfig", "load_demo_config", "run_demo"]
+
+METHODS = ("uce", "uce-v", "esd-x", "esd-u")
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoConfig:
+    """Every knob of the testbed demo (TOML keys of ``experiments/configs/bridge_testbed.toml``)."""
+
+    seed: int = 0
+    threads: int = 1
+    # world
+    colours: tuple[str, ...] = ("red", "green", "blue")
+    shapes: tuple[str, ...] = ("circle",)
+    backgrounds: tuple[str, ...] = ("black", "white")
+    size: int = 8
+    # model + pretraining
+    block_out_channels: tuple[int, ...] = (16, 32)
+    text_dim: int = 32
+    pretrain_steps: int = 1000
+    pretrain_batch: int = 32
+    pretrain_lr: float = 3e-3
+    p_null: float = 0.1
+    classifier_steps: int = 600
+    # unlearning
+    erase: str = "a red circle on white"
+    methods: tuple[str, ...] = ("uce", "uce-v", "esd-x")
+    uce_lam: float = 0.1
+    uce_from_token: str = "first"
+    uce_preserve: tuple[str, ...] = ()
+    esd_steps: int = 60
+    esd_lr: float = 1e-3
+    esd_guidance: float = 1.0
+    # fine-tuning data: concepts that exclude the erased one
+    # each shares a word with the erased caption ("red" or "white"), none is the erased concept
+    finetune_concepts: tuple[str, ...] = (
+        "a red circle on black",
+        "a green circle on white",
+        "a blue circle on white",
+    )
+    images_per_concept: int = 8
+    # predicted vs measured rho: full-batch GD on the cross-attention K/V
+    # GD step sizes as fractions of the stability limit 2/lambda_max measured at theta_u
+    gd_lr_fractions: tuple[float, ...] = (0.3, 0.6, 0.9)
+    gd_steps: int = 40
+    top_k: int = 8
+    probe_batch: int = 16
+    # realistic fine-tuning: AdamW on the whole UNet, minibatches
+    adamw_steps: int = 200
+    adamw_lr: float = 3e-4
+    adamw_batch: int = 16
+    track_every: int = 50
+    # presence
+    presence_seeds: int = 32
+    sample_steps: int = 15
+    guidance_scale: float = 3.0
+
+    def __post_init__(self) -> None:
+        bad = [m for m in self.methods if m not in METHODS]
+        if bad:
+            raise ValueError(f"`methods` has unknown entries {bad}; allowed: {list(METHODS)}.")
+        if self.erase in self.finetune_concepts:
+            raise ValueError(f"`finetune_concepts` must exclude the erased concept {self.erase!r}.")
+        if not self.finetune_concepts:
+            raise ValueError("`finetune_concepts` is empty; give at least one benign concept.")
+
+    @property
+    def world(self) -> ConceptWorld:
+        return ConceptWorld(
+            colours=tuple(self.colours),
+            shapes=tuple(self.shapes),
+            backgrounds=tuple(self.backgrounds),
+            size=self.size,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()
+        }
+
+
+def load_demo_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> DemoConfig:
+    """Read a TOML file (flat keys) and ``KEY=VALUE`` overrides (VALUE parsed as TOML).
+
+    Raises:
+      ValueError: for unknown keys (named, with the file) or a malformed override.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = tomllib.loads(Path(path).read_text())
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must have the form KEY=VALUE (e.g. --set seed=1).")
+        key, text = (s.strip() for s in item.split("=", 1))
+        try:
+            raw[key] = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            raw[key] = text
+    known = {f.name for f in dataclasses.fields(DemoConfig)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError(
+            f"unknown config keys {unknown} in {path or '--set'}; known: {sorted(known)}."
+        )
+    tuples = {f.name for f in dataclasses.fields(DemoConfig) if "tuple" in str(f.type)}
+    return DemoConfig(**{k: tuple(v) if k in tuples else v for k, v in raw.items()})
+
+
+def run_demo(
+    cfg: DemoConfig,
+    run: str | Path,
+    *,
+    figures: str | Path | None = "figures",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run (or resume) the whole testbed; return the summary written to ``run/results.json``.
+
+    Args:
+      cfg: :class:`DemoConfig`. run: run folder (stages found there are skipped).
+      figures: folder for ``bridge_testbed_*.png`` (None: no figures).
+      progress: tqdm bars.
+
+    Returns:
+      The JSON summary (presence per stage and method, predicted and measured rho, correlation,
+      classifier accuracy, stage wall times).
+    """
+    from bridge.testbed.predict import finetune_probe_batches, predict_rho_over_lrs
+    from bridge.testbed.results import summarise, to_xarray
+    from bridge.testbed.stages import Stages, adamw_history, gd_history, log
+    from experiments.manifest import write_manifest
+
+    t_start = time.time()
+    torch.set_num_threads(cfg.threads)
+    run = Path(run)
+    run.mkdir(parents=True, exist_ok=True)
+    saved_cfg = run / "config.json"
+    if saved_cfg.is_file() and json.loads(saved_cfg.read_text()) != cfg.to_dict():
+        raise ValueError(
+            f"run folder {run} holds a run with another config ({saved_cfg}); "
+            "use a new --out folder or delete it."
+        )
+    saved_cfg.write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
+    st = Stages(cfg, run, progress)
+    pipe = st.base()
+    base, text, scheduler = pipe.unet, pipe.text_encoder, pipe.scheduler
+    classifier, accuracy = st.classifier()
+    presence = st.presence_hook(text, scheduler, classifier)
+    forget = st.forget_batches(text, scheduler)
+    images, captions = st.finetune_set(text)
+    embeds, null = text.encode_prompts(captions), text.encode_prompts([""])
+    steps = [cfg.gd_steps * k // 4 for k in range(5)]
+
+    pres_path = run / "presence.json"
+    stage_presence = json.loads(pres_path.read_text()) if pres_path.is_file() else {}
+    if "base" not in stage_presence:
+        log("presence of the base model")
+        stage_presence["base"] = presence(base)
+    results: dict[str, Any] = {"methods": {}}
+    for method in cfg.methods:
+        unet = st.unlearned(method, base, text, scheduler)
+        if method not in stage_presence:
+            log(f"presence after unlearning ({method})")
+            stage_presence[method] = presence(unet)
+        pres_path.write_text(json.dumps(stage_presence, indent=2, sort_keys=True) + "\n")
+        batches = finetune_probe_batches(
+            text,
+            captions,
+            images,
+            scheduler.alphas_cumprod,
+            batch_size=cfg.probe_batch,
+            seed=cfg.seed,
+        )
+        pred_path = run / "predict" / f"{method}.json"
+        if not pred_path.is_file():
+            log(f"curvature and predicted rho ({method})")
+            t0 = time.time()
+            pred = predict_rho_over_lrs(
+                base,
+                unet,
+                batches,
+                lr_fractions=cfg.gd_lr_fractions,
+                steps=steps,
+                top_k=cfg.top_k,
+                seed=cfg.seed,
+            )
+            st.timings[f"predict_{method}_s"] = time.time() - t0
+            pred_path.parent.mkdir(parents=True, exist_ok=True)
+            pred_path.write_text(
+                json.dumps({k: np.asarray(v).tolist() for k, v in pred._asdict().items()}, indent=2)
+                + "\n"
+            )
+        pred = json.loads(pred_path.read_text())
+        gd = {}
+        for k, lr in enumerate(pred["lrs"]):
+            gd[f"{k}"] = gd_history(
+                st,
+                method,
+                k,
+                lr,
+                base,
+                unet,
+                batches,
+                forget,
+                scheduler,
+                presence if k == len(pred["lrs"]) - 1 else None,
+            )
+        adamw = adamw_history(
+            st, method, base, unet, images, embeds, null, forget, scheduler, presence
+        )
+        results["methods"][method] = {"predict": pred, "gd": gd, "adamw": adamw}
+
+    summary = summarise(cfg, results, stage_presence, accuracy, steps)
+    summary["timings_s"] = {k: round(v, 2) for k, v in st.timings.items()}
+    summary["wall_time_s"] = round(time.time() - t_start, 2)
+    (run / "results.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    to_xarray(cfg, results, steps, summary).to_netcdf(run / "results.nc", engine="h5netcdf")
+    write_manifest(
+        run,
+        config=cfg.to_dict(),
+        seeds={"seed": cfg.seed},
+        wall_time=time.time() - t_start,
+        extra={"stage_timings_s": summary["timings_s"]},
+    )
+    if figures is not None:
+        from bridge.testbed.figures import plot_presence, plot_rho
+
+        plot_presence(summary, Path(figures) / "bridge_testbed_presence.png")
+        plot_rho(summary, Path(figures) / "bridge_testbed_rho.png")
+    log(f"done in {summary['wall_time_s']:.0f} s; results in {run}")
+    return summary
