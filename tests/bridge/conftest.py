@@ -11,7 +11,6 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -79,23 +78,3 @@ def case(request):
         op = HessianOperator(loss)
         dense = dense_hessian(op)
     return {**request.param, "unet": unet, "text": text, "loss": loss, "op": op, "dense": dense}
-
-
-def allclose_report(actual, expected, *, rtol: float, atol: float = 0.0, what: str = "") -> None:
-    """Assert closeness, reporting relative Frobenius error and the worst entries (style.md s.3)."""
-    a = np.asarray(actual, dtype=np.float64)
-    e = np.asarray(expected, dtype=np.float64)
-    assert a.shape == e.shape, f"{what}: shape {a.shape} != {e.shape}"
-    err = np.abs(a - e)
-    ok = err <= atol + rtol * np.abs(e)
-    if not ok.all():
-        rel_fro = np.linalg.norm(a - e) / max(np.linalg.norm(e), 1e-300)
-        worst = np.argsort(err.ravel())[::-1][:5]
-        lines = [
-            f"  idx {np.unravel_index(i, a.shape)}: {a.ravel()[i]:.6e} vs {e.ravel()[i]:.6e}"
-            for i in worst
-        ]
-        raise AssertionError(
-            f"{what}: {int((~ok).sum())}/{ok.size} entries off; relative Frobenius error "
-            f"{rel_fro:.3e}, mean abs error {err.mean():.3e}; worst:\n" + "\n".join(lines)
-        )

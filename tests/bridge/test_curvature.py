@@ -11,7 +11,7 @@ import torch
 
 from bridge.curvature import HessianOperator, NonDeterministicError
 from bridge.spectra import curvature_along, hutchpp_trace, spectrum_ends, top_eigenpairs
-from tests.bridge.conftest import allclose_report
+from theory.testing import assert_allclose_report as allclose_report
 
 
 def test_dense_hessian_matches_autograd_hessian(case):
@@ -28,14 +28,14 @@ def test_dense_hessian_matches_autograd_hessian(case):
         truth.numpy(),
         rtol=0,
         atol=1e-10 * np.abs(truth.numpy()).max(),
-        what="dense Hessian vs autograd.functional.hessian",
+        name="dense Hessian vs autograd.functional.hessian",
     )
     allclose_report(
         case["dense"],
         case["dense"].T,
         rtol=0,
         atol=1e-12 * np.abs(case["dense"]).max(),
-        what="symmetry",
+        name="symmetry",
     )
 
 
@@ -55,7 +55,7 @@ def test_other_hvp_methods_match_double_backward(case, method):
         expected,
         rtol=0,
         atol=tol * np.abs(expected).max(),
-        what=f"{method} HVP vs dense",
+        name=f"{method} HVP vs dense",
     )
 
 
@@ -67,7 +67,7 @@ def test_hvp_matches_central_difference_of_gradients(case):
     hv = case["op"] @ v
     # truncation O(h^2 |d^3L|) ~ 1e-10 relative here, round-off eps/h ~ 2e-11: 1e-7 is safe.
     allclose_report(
-        hv.numpy(), fd.numpy(), rtol=0, atol=1e-7 * fd.abs().max().item(), what="HVP vs central FD"
+        hv.numpy(), fd.numpy(), rtol=0, atol=1e-7 * fd.abs().max().item(), name="HVP vs central FD"
     )
 
 
@@ -78,11 +78,11 @@ def test_lanczos_top_k_matches_eigh(case, which):
     w, vecs = np.linalg.eigh(case["dense"])
     expected = w[::-1][:k] if which == "LA" else w[:k][::-1]
     scale = np.abs(w).max()
-    allclose_report(result.eigenvalues, expected, rtol=0, atol=1e-9 * scale, what=f"eigsh {which}")
+    allclose_report(result.eigenvalues, expected, rtol=0, atol=1e-9 * scale, name=f"eigsh {which}")
     # Eigenvectors up to sign: |<v_lanczos, v_eigh>| = 1.
     idx = [np.argmin(np.abs(w - lam)) for lam in result.eigenvalues]
     overlaps = np.abs(np.sum(result.eigenvectors * vecs[:, idx], axis=0))
-    allclose_report(overlaps, np.ones(k), rtol=0, atol=1e-6, what="eigenvector overlaps")
+    allclose_report(overlaps, np.ones(k), rtol=0, atol=1e-6, name="eigenvector overlaps")
     assert result.num_matvecs > 0
 
 
@@ -90,7 +90,7 @@ def test_spectrum_ends_is_indefinite_and_complete_at_both_ends(case):
     result = spectrum_ends(case["op"], 3, tol=0)
     w = np.linalg.eigvalsh(case["dense"])
     expected = np.concatenate([w[::-1][:3], w[:3][::-1]])
-    allclose_report(result.eigenvalues, expected, rtol=0, atol=1e-9 * np.abs(w).max(), what="ends")
+    allclose_report(result.eigenvalues, expected, rtol=0, atol=1e-9 * np.abs(w).max(), name="ends")
     assert result.eigenvalues.min() < 0 < result.eigenvalues.max()  # random init: indefinite
 
 
@@ -138,7 +138,7 @@ def test_fallback_engages_when_default_attention_has_no_second_derivative(case):
     assert op.attention_fallback == "sdpa-math"
     expected = case["dense"] @ v.numpy()
     allclose_report(
-        hv.numpy(), expected, rtol=0, atol=1e-10 * np.abs(expected).max(), what="HVP after fallback"
+        hv.numpy(), expected, rtol=0, atol=1e-10 * np.abs(expected).max(), name="HVP after fallback"
     )
     del build_tiny_unet
 
@@ -232,7 +232,7 @@ def test_second_fallback_classic_processor(case, monkeypatch):
             expected,
             rtol=0,
             atol=1e-10 * np.abs(expected).max(),
-            what="HVP with the classic attention processor",
+            name="HVP with the classic attention processor",
         )
     finally:
         unet.set_attn_processor(AttnProcessor2_0())

@@ -17,7 +17,7 @@ from bridge.subspaces import (
     principal_angles,
     spectral_weights,
 )
-from tests.bridge.conftest import allclose_report
+from theory.testing import assert_allclose_report as allclose_report
 
 
 @settings(max_examples=25, deadline=None)
@@ -33,7 +33,7 @@ def test_principal_angles_match_scipy(seed, p, q):
         np.sort(scipy.linalg.subspace_angles(a, b)),
         rtol=0,
         atol=2e-8,
-        what="principal angles",
+        name="principal angles",
     )
 
 
@@ -49,10 +49,10 @@ def test_layerwise_subspace_reconstructs_low_rank_delta(case):
     basis = layerwise_forget_subspace(delta, group, rank=2)
     assert basis.shape[1] == len(group.names)  # the second singular value is cut (rank 1)
     allclose_report(
-        (basis.T @ basis).numpy(), np.eye(basis.shape[1]), rtol=0, atol=1e-12, what="orthonormal"
+        (basis.T @ basis).numpy(), np.eye(basis.shape[1]), rtol=0, atol=1e-12, name="orthonormal"
     )
     proj = basis @ (basis.T @ delta)
-    allclose_report(proj.numpy(), delta.numpy(), rtol=0, atol=1e-12, what="delta in span")
+    allclose_report(proj.numpy(), delta.numpy(), rtol=0, atol=1e-12, name="delta in span")
     with pytest.raises(ValueError, match="delta is zero over group"):
         layerwise_forget_subspace(torch.zeros_like(delta), group)
 
@@ -63,7 +63,7 @@ def test_spectral_weights_sum_to_one_on_complete_basis(case):
     weights = spectral_weights(v, delta)
     assert weights.sum() == pytest.approx(1.0, abs=1e-12)
     expected = (v.T @ delta) ** 2 / (delta @ delta)
-    allclose_report(weights, expected, rtol=1e-12, what="spectral weights")
+    allclose_report(weights, expected, rtol=1e-12, name="spectral weights")
 
 
 def test_predicted_rho_matches_small_step_gd_on_tiny_unet(case):
@@ -95,7 +95,7 @@ def test_predicted_rho_matches_small_step_gd_on_tiny_unet(case):
             measured.append(measured_rho(theta, theta_u, delta))
     measured = np.array(measured)
     assert np.all(np.abs(measured) > 0)
-    allclose_report(pred.predicted_rho, measured, rtol=2e-3, what="predicted vs GD rho")
+    allclose_report(pred.predicted_rho, measured, rtol=2e-3, name="predicted vs GD rho")
     # The first step is exact to first order: rho(1) = lr <g, delta>/||delta||^2.
     first = lr * float(grad @ delta) / float(delta @ delta)
     assert pred.predicted_rho[0] == pytest.approx(first, rel=1e-10)
@@ -112,7 +112,7 @@ def test_negative_directions_flagged_when_they_dominate():
     # Closed form: a(lam, T) g d / |d|^2 summed.
     a = lambda l, t: (1 - (1 - 0.1 * l) ** t) / l  # noqa: E731, E741
     expected = [(a(1.0, t) * 0.1 + a(-1.0, t) * 1.0) / 2 for t in (1, 20)]
-    allclose_report(pred.predicted_rho, expected, rtol=1e-12, what="rho closed form")
+    allclose_report(pred.predicted_rho, expected, rtol=1e-12, name="rho closed form")
 
 
 def test_forget_loss_recovery_and_error():
