@@ -120,3 +120,49 @@ def save_caption_folder(images: torch.Tensor, captions: list[str], folder: str |
         Image.fromarray(a, mode="RGB").save(folder / f"{i:05d}.png")
         (folder / f"{i:05d}.txt").write_text(c + "\n")
     return folder
+
+
+def encode_caption_folder(folder, data, unet, *, device, dtype):
+    """Latents and captions of a captioned image folder, for a UNet from pipeline ``folder``.
+
+    With a ``vae/`` in ``folder`` (real SD) images are resized to the VAE's input size and encoded
+    (latent mean times the VAE's scaling factor); without one (pixel-space testbed) the images
+    are the latents and must match the UNet's channel count.
+
+    Returns:
+      (latents ``(N, C, H, W)``, captions list of N strings).
+
+    Raises:
+      ValueError: images whose channels do not match a VAE-less UNet (and the errors of
+        :func:`load_caption_folder`).
+    """
+    folder, data = Path(folder), Path(data)
+    vae_dir = folder / "vae"
+    if vae_dir.is_dir():
+        from diffusers import AutoencoderKL
+
+        vae = (
+            AutoencoderKL.from_pretrained(str(vae_dir), local_files_only=True)
+            .to(device, dtype)
+            .eval()
+        )
+        size = unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
+        found = load_caption_folder(data, size=size, resize=True, convert=True)
+        with torch.no_grad():
+            latents = (
+                torch.cat(
+                    [
+                        vae.encode(found.images[i : i + 4].to(device, dtype)).latent_dist.mean
+                        for i in range(0, len(found.images), 4)
+                    ]
+                )
+                * vae.config.scaling_factor
+            )
+        return latents, found.captions
+    found = load_caption_folder(data, size=unet.config.sample_size, resize=True, convert=True)
+    if unet.config.in_channels != found.images.shape[1]:
+        raise ValueError(
+            f"{folder} has no vae/, so images are used directly as latents, but they have "
+            f"{found.images.shape[1]} channels and the UNet expects {unet.config.in_channels}"
+        )
+    return found.images.to(device, dtype), found.captions

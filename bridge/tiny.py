@@ -312,9 +312,11 @@ def load_text_encoder(folder, *, device: str | torch.device = "cpu", dtype=None)
     if (tok_dir / "vocab.json").is_file() and (tok_dir / "merges.txt").is_file():
         tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
         min_vocab = 1000  # SD's CLIP BPE has 49,408 entries; a broken offline load has a handful
+        probe_word = "photo"  # a broken BPE load maps even common words to <unk>
     elif (tok_dir / "tokenizer.json").is_file():
         tokenizer = PreTrainedTokenizerFast.from_pretrained(str(tok_dir), local_files_only=True)
         min_vocab = len(SPECIAL_TOKENS) + 1
+        probe_word = None  # a word-level vocabulary is whatever the testbed chose
     else:
         raise FileNotFoundError(
             f"tokenizer files missing in {tok_dir}: need vocab.json + merges.txt (CLIP BPE) "
@@ -325,9 +327,9 @@ def load_text_encoder(folder, *, device: str | torch.device = "cpu", dtype=None)
             f"tokenizer in {tok_dir} loaded with only {len(tokenizer)} entries (< {min_vocab}); "
             "the vocabulary files are probably incomplete"
         )
-    probe = tokenizer("photo", add_special_tokens=False).input_ids
-    if not probe or all(i == tokenizer.unk_token_id for i in probe):
-        raise ValueError(f"tokenizer in {tok_dir} maps the probe word 'photo' to <unk> only")
+    probe = tokenizer(probe_word, add_special_tokens=False).input_ids if probe_word else [0]
+    if not probe or (probe_word and all(i == tokenizer.unk_token_id for i in probe)):
+        raise ValueError(f"tokenizer in {tok_dir} maps the probe word {probe_word!r} to <unk> only")
     model = CLIPTextModel.from_pretrained(str(enc_dir), local_files_only=True)
     model = model.to(device=device, dtype=dtype).eval()
     return TextEncoder(tokenizer=tokenizer, model=model)

@@ -13,7 +13,6 @@ import hashlib
 import json
 import platform
 import shutil
-import subprocess
 import warnings
 from pathlib import Path
 from typing import Any
@@ -32,34 +31,15 @@ def base_fingerprint(unet) -> str:
     return h.hexdigest()[:16]
 
 
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            cwd=Path(__file__).resolve().parent,
-        )
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def run_manifest(**fields: Any) -> dict[str, Any]:
     """A manifest dict: the given fields plus package versions, git commit and Python version."""
-    import diffusers
-    import numpy
-    import transformers
+    from experiments.manifest import git_commit, package_versions
 
-    versions = {
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "transformers": transformers.__version__,
-        "numpy": numpy.__version__,
-        "python": platform.python_version(),
+    return {
+        **fields,
+        "versions": {**package_versions(), "python": platform.python_version()},
+        "git_commit": git_commit()["commit"],
     }
-    return {**fields, "versions": versions, "git_commit": _git_commit()}
 
 
 def write_json(path: str | Path, obj: Any) -> Path:

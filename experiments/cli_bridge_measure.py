@@ -37,43 +37,6 @@ def _text_folder(base: Path, given: Path | None) -> Path:
     )
 
 
-def _finetune_latents(folder: Path, data: Path, unet, device, dtype):
-    """Encode a captioned image folder: by the VAE of the pipeline, or used as latents directly."""
-    import torch
-
-    from bridge.data import load_caption_folder
-
-    vae_dir = folder / "vae"
-    if vae_dir.is_dir():
-        from diffusers import AutoencoderKL
-
-        vae = (
-            AutoencoderKL.from_pretrained(str(vae_dir), local_files_only=True)
-            .to(device, dtype)
-            .eval()
-        )
-        size = unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
-        found = load_caption_folder(data, size=size, resize=True, convert=True)
-        with torch.no_grad():
-            latents = (
-                torch.cat(
-                    [
-                        vae.encode(found.images[i : i + 4].to(device, dtype)).latent_dist.mean
-                        for i in range(0, len(found.images), 4)
-                    ]
-                )
-                * vae.config.scaling_factor
-            )
-        return latents, found.captions
-    found = load_caption_folder(data, size=unet.config.sample_size, resize=True, convert=True)
-    if unet.config.in_channels != found.images.shape[1]:
-        raise typer.BadParameter(
-            f"{folder} has no vae/, so images are used directly as latents, but they have "
-            f"{found.images.shape[1]} channels and the UNet expects {unet.config.in_channels}"
-        )
-    return found.images.to(device, dtype), found.captions
-
-
 def measure(
     base: Annotated[
         Path, typer.Option("--base", help="Base UNet folder or SD pipeline folder (local).")
@@ -163,6 +126,7 @@ def measure(
     start = time.time()
     import torch
 
+    from bridge.data import encode_caption_folder
     from bridge.loading import load_unet, load_unlearned_unet
     from bridge.measure import measure_resurgence, summary
     from bridge.tiny import load_text_encoder
@@ -178,9 +142,12 @@ def measure(
             raise typer.BadParameter(f"--finetune-prompts file does not exist: {finetune_prompts}")
         prompts = [ln.strip() for ln in finetune_prompts.read_text().splitlines() if ln.strip()]
     else:
-        latents, prompts = _finetune_latents(
-            text_folder, finetune_data, base_unet, device, torch_dtype
-        )
+        try:
+            latents, prompts = encode_caption_folder(
+                text_folder, finetune_data, base_unet, device=device, dtype=torch_dtype
+            )
+        except ValueError as err:
+            raise typer.BadParameter(str(err)) from None
     result = measure_resurgence(
         base_unet,
         unlearned_unet,

@@ -159,20 +159,19 @@ def finetune(
     and (with --clip-weights) CLIP-score presence of the erased prompts."""
     import torch
 
-    from bridge.data import load_caption_folder
+    from bridge.data import encode_caption_folder, load_caption_folder
     from bridge.finetune import FinetuneConfig, FinetuneData
     from bridge.finetune import finetune as run_finetune
     from bridge.loss import make_probe_batches, teacher_targets
     from bridge.tiny import load_tiny_pipeline
     from bridge.unlearn_io import load_unlearned, write_json
-    from experiments.cli_bridge_measure import _finetune_latents
 
     t0 = time.time()
     pipe = load_tiny_pipeline(base, device=device)
     theta_u = load_unlearned(pipe.unet, unlearned).to(device)
     dtype = next(pipe.unet.parameters()).dtype
     if (base / "vae").is_dir():  # real SD: VAE-encode (resized to the model's resolution)
-        latents, captions = _finetune_latents(base, data, pipe.unet, device, dtype)
+        latents, captions = encode_caption_folder(base, data, pipe.unet, device=device, dtype=dtype)
     else:  # pixel-space testbed: strict size/mode checks, no silent resizing
         found = load_caption_folder(data, size=pipe.unet.config.sample_size)
         latents, captions = found.images.to(device, dtype), found.captions

@@ -5,17 +5,22 @@ array ``(L, d, d + m)`` = [W_t, V_t] per level.
 """
 
 from theory.finetune import (
-    GDResult,
-    finetune_gd,
     FinetuneSetup,
+    GDResult,
     Trajectory,
     check_gd_step_size,
+    finetune_gd,
     finetune_setup,
     gd_closed_form,
     predicted_rho_closed_form,
     simulate_finetune,
 )
-from theory.law import gd_amplification, predict_rho, predict_rho_truncated, truncated_closure_inputs
+from theory.law import (
+    gd_amplification,
+    predict_rho,
+    predict_rho_truncated,
+    truncated_closure_inputs,
+)
 from theory.observables import (
     curvature_along_delta,
     forget_loss_recovery,
@@ -23,6 +28,7 @@ from theory.observables import (
     rho,
     spectral_weights,
 )
+from theory.presence import clip_score, incidental_presence_matrix, presence
 from theory.pretrain import bayes_optimal_denoiser, pretrain_by_steps, pretrain_closed_form
 from theory.problem import (
     DataDistribution,
@@ -48,8 +54,31 @@ from theory.quadratic import (
     split_params,
     target_moments,
 )
+from theory.report import StageReport, stage_report
+from theory.sampling import (
+    DDIMMap,
+    GeneratedDistribution,
+    ddim_affine,
+    ddim_sample,
+    generated_distribution,
+)
+from theory.unlearning import METHOD_NAMES, PRESETS, UnlearningMethod, compose, unlearn
 
 __all__ = [
+    "DDIMMap",
+    "GeneratedDistribution",
+    "METHOD_NAMES",
+    "PRESETS",
+    "StageReport",
+    "UnlearningMethod",
+    "clip_score",
+    "compose",
+    "ddim_affine",
+    "ddim_sample",
+    "generated_distribution",
+    "incidental_presence_matrix",
+    "presence",
+    "stage_report",
     "GDResult",
     "finetune_gd",
     "DataDistribution",
@@ -91,16 +120,5 @@ __all__ = [
     "split_params",
     "target_moments",
     "truncated_closure_inputs",
-]
-
-# Unlearning, sampling, presence and the stage report (issue #3).
-from theory.presence import clip_score, incidental_presence_matrix, presence  # noqa: E402
-from theory.report import StageReport, stage_report  # noqa: E402
-from theory.sampling import DDIMMap, GeneratedDistribution, ddim_affine, ddim_sample, generated_distribution  # noqa: E402
-from theory.unlearning import METHOD_NAMES, PRESETS, UnlearningMethod, compose, unlearn  # noqa: E402
-
-__all__ += [
-    "DDIMMap", "GeneratedDistribution", "METHOD_NAMES", "PRESETS", "StageReport", "UnlearningMethod",
-    "clip_score", "compose", "ddim_affine", "ddim_sample", "generated_distribution",
-    "incidental_presence_matrix", "presence", "stage_report", "unlearn",
+    "unlearn",
 ]

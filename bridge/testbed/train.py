@@ -61,7 +61,7 @@ def build_world_model(world: ConceptWorld, cfg: ModelConfig = ModelConfig()):
         attention_head_dim=cfg.attention_head_dim,
         norm_num_groups=cfg.norm_num_groups,
     )
-    # bridge.tiny's default vocabulary too: its loader probes a common word ("photo")
+    # bridge.tiny's general vocabulary plus the world's words (unused words are harmless rows)
     vocab = tuple(dict.fromkeys((*DEFAULT_VOCAB, *world.vocabulary)))
     tok = build_word_tokenizer(vocab, max_length=cfg.max_length)
     enc = build_tiny_text_encoder(
