@@ -28,6 +28,7 @@ from theory.observables import (
     rho,
     spectral_weights,
 )
+from theory.preconditioned import adam_preconditioner, predicted_rho_preconditioned
 from theory.presence import clip_score, incidental_presence_matrix, presence
 from theory.pretrain import bayes_optimal_denoiser, pretrain_by_steps, pretrain_closed_form
 from theory.problem import (
@@ -87,6 +88,7 @@ __all__ = [
     "LinearDiffusionProblem",
     "NoiseSchedule",
     "Trajectory",
+    "adam_preconditioner",
     "bayes_optimal_denoiser",
     "check_gd_step_size",
     "concept_distribution",
@@ -109,6 +111,7 @@ __all__ = [
     "predict_rho",
     "predict_rho_truncated",
     "predicted_rho_closed_form",
+    "predicted_rho_preconditioned",
     "pretrain_by_steps",
     "pretrain_closed_form",
     "principal_angles",
