@@ -62,7 +62,7 @@ def save(fig, out, name: str) -> tuple[Path, Path]:
     out.mkdir(parents=True, exist_ok=True)
     png, pdf = out / f"{name}.png", out / f"{name}.pdf"
     fig.savefig(png, dpi=DPI)
-    fig.savefig(pdf)
+    fig.savefig(pdf, metadata={"CreationDate": None})  # byte-stable reruns: no timestamp
     plt.close(fig)
     return png, pdf
 
