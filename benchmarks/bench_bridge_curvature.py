@@ -23,17 +23,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-SD14_UNET = {
-    "sample_size": 64,
-    "in_channels": 4,
-    "out_channels": 4,
-    "layers_per_block": 2,
-    "block_out_channels": [320, 640, 1280, 1280],
-    "cross_attention_dim": 768,
-    "attention_head_dim": 8,
-    "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-    "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
-}
+from benchmarks._sd14 import SD14_UNET_CONFIG as SD14_UNET  # noqa: E402
 
 
 def _loss(unet, group_spec, *, n, batch_size, seq, seed=0):

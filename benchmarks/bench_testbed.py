@@ -21,17 +21,7 @@ import time
 
 import torch
 
-SD14_UNET = {
-    "sample_size": 64,
-    "in_channels": 4,
-    "out_channels": 4,
-    "layers_per_block": 2,
-    "block_out_channels": [320, 640, 1280, 1280],
-    "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-    "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
-    "cross_attention_dim": 768,
-    "attention_head_dim": 8,
-}
+from benchmarks._sd14 import SD14_UNET_CONFIG as SD14_UNET  # noqa: E402
 
 
 def _peak_mib() -> float:

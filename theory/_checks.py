@@ -68,3 +68,10 @@ def finite_array(name: str, array) -> np.ndarray:
     if not np.all(np.isfinite(a)):
         raise ValueError(f"`{name}` must contain only finite values.")
     return a
+
+
+def registry_lookup(kind: str, name: str, registry: dict):
+    """``registry[name]``, or ``ValueError`` listing the valid names from that same registry."""
+    if name not in registry:
+        raise ValueError(f"unknown {kind} {name!r}; valid {kind}s: {', '.join(registry)}.")
+    return registry[name]

@@ -248,7 +248,7 @@ def simulate_finetune(
     carry0 = (theta_u, optimizer.init(theta_u))
     _, (obs, params) = jax.lax.scan(block, carry0, jax.random.split(key, n_records))
     obs0 = observe(theta_u)
-    stack = [jnp.concatenate([jnp.atleast_1d(o0), o]) for o0, o in zip(obs0, obs)]
+    stack = [jnp.concatenate([jnp.atleast_1d(o0), o]) for o0, o in zip(obs0, obs, strict=True)]
     all_params = jnp.concatenate([theta_u[None], params]) if keep_params else None
     record_steps = jnp.arange(n_records + 1) * record_every
     return Trajectory(record_steps, stack[0], stack[1], stack[2], all_params)

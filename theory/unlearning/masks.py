@@ -113,6 +113,4 @@ def get_mask(name: str, **kwargs) -> Mask:
     Raises:
       ValueError: unknown name (the message lists the valid ones).
     """
-    if name not in MASKS:
-        raise ValueError(f"unknown mask {name!r}; valid masks: {', '.join(MASKS)}.")
-    return MASKS[name](**kwargs)
+    return _checks.registry_lookup("mask", name, MASKS)(**kwargs)

@@ -127,6 +127,4 @@ def get_solver(name: str, **kwargs) -> Solver:
     Raises:
       ValueError: unknown name (the message lists the valid ones).
     """
-    if name not in SOLVERS:
-        raise ValueError(f"unknown solver {name!r}; valid solvers: {', '.join(SOLVERS)}.")
-    return SOLVERS[name](**kwargs)
+    return _checks.registry_lookup("solver", name, SOLVERS)(**kwargs)

@@ -241,6 +241,4 @@ def get_target(name: str, **kwargs) -> Target:
     Raises:
       ValueError: unknown name (the message lists the valid ones).
     """
-    if name not in TARGETS:
-        raise ValueError(f"unknown target {name!r}; valid targets: {', '.join(TARGETS)}.")
-    return TARGETS[name](**kwargs)
+    return _checks.registry_lookup("target", name, TARGETS)(**kwargs)
