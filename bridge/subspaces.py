@@ -134,10 +134,15 @@ def principal_angles(a, b) -> np.ndarray:
       ``(min(p, q),)`` angles in [0, pi/2], smallest first (``scipy.linalg.subspace_angles``
       returns the same set, largest first).
     """
-    qa, _ = np.linalg.qr(np.asarray(torch.as_tensor(a).detach().cpu().double()))
-    qb, _ = np.linalg.qr(np.asarray(torch.as_tensor(b).detach().cpu().double()))
-    s = np.linalg.svd(qa.T @ qb, compute_uv=False)
-    return np.arccos(np.clip(s, -1.0, 1.0))
+    import jax
+
+    from theory.observables import principal_angles as theory_principal_angles
+
+    a64 = np.asarray(torch.as_tensor(a).detach().cpu().double())
+    b64 = np.asarray(torch.as_tensor(b).detach().cpu().double())
+    # The theory's definition (arcsin near 0, where arccos loses digits), in float64.
+    with jax.enable_x64(True):
+        return np.asarray(theory_principal_angles(a64, b64))
 
 
 def spectral_weights(eigenvectors, delta) -> np.ndarray:
