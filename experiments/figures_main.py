@@ -3,10 +3,21 @@
 from __future__ import annotations
 
 import importlib
+import json
+import math
+import os
 import time
 from pathlib import Path
 
-__all__ = ["FIGURE_MODULES", "make_all_figures"]
+__all__ = ["FIGURE_MODULES", "SUMMARY_NAME", "make_all_figures", "bridge_summary", "compare_summaries"]
+
+# Every number a figure title, docs/figures.md or the README states, as the run computed it.
+SUMMARY_NAME = "summary.json"
+# Tolerance of the reproducibility check (tests/test_reproducibility.py): the theory numbers are
+# exact computations or Monte-Carlo estimates with fixed keys, so machines and BLAS thread counts
+# move them by round-off only (measured <= 1e-12); 1e-6 keeps six orders of margin and still
+# fails on any real change of a headline number. Counts and labels must match exactly.
+SUMMARY_ABS_TOLERANCE = 1e-6
 
 # One module per figure of theory.md section 5, in the paper's order.
 FIGURE_MODULES = (
@@ -47,8 +58,10 @@ def make_all_figures(
                 f"{module.NAME}: {results[module.NAME].png} ({time.perf_counter() - tick:.1f} s)",
                 flush=True,
             )
+    summary = {name: result.summary for name, result in results.items()}
     if bridge_demo:
-        _run_bridge_demo(out, runs)
+        summary["bridge_testbed"] = bridge_summary(_run_bridge_demo(out, runs))
+    _write_summary(Path(out) / SUMMARY_NAME, summary)
     if progress:
         print(f"all figures in {time.perf_counter() - start:.1f} s -> {Path(out)}", flush=True)
     return results
@@ -69,4 +82,61 @@ def _run_bridge_demo(out, runs) -> None:
             "figures only."
         ) from err
     config = Path(__file__).resolve().parent / "configs" / "bridge_testbed.toml"
-    run_demo(load_demo_config(config), Path(runs) / "bridge_testbed", figures=out)
+    return run_demo(load_demo_config(config), Path(runs) / "bridge_testbed", figures=out)
+
+
+# The bridge testbed's headline numbers (README, figure titles): presence per stage, rho pairs.
+_BRIDGE_PER_METHOD = (
+    "presence_before",
+    "presence_unlearned",
+    "presence_finetuned",
+    "presence_gd_finetuned",
+    "gd_rho_final",
+    "adamw_rho_final",
+)
+
+
+def bridge_summary(demo: dict) -> dict:
+    """The numbers of the bridge testbed's summary that the README and figures state."""
+    keep = {k: v for k, v in demo.items() if not isinstance(v, (dict, list))}
+    keep["methods"] = {
+        m: {k: r.get(k) for k in _BRIDGE_PER_METHOD} for m, r in demo.get("methods", {}).items()
+    }
+    keep.pop("wall_time_s", None)
+    return keep
+
+
+def _write_summary(path: Path, summary: dict) -> None:
+    """Merge into ``path`` (a theory-only run keeps the bridge entry of an earlier demo run)."""
+    merged = json.loads(path.read_text()) if path.is_file() else {}
+    merged.update(summary)
+    merged["_about"] = (
+        "Headline numbers of the default run, written by `resurgence figures`; "
+        "tests/test_reproducibility.py regenerates the theory entries and compares them to "
+        f"{SUMMARY_ABS_TOLERANCE:g} (absolute; counts and labels exactly)."
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(merged, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def compare_summaries(committed, regenerated, *, atol=SUMMARY_ABS_TOLERANCE, where="") -> list[str]:
+    """Differences between two summaries: one line per number off by more than ``atol`` (or
+    any change of a count, label or key)."""
+    problems = []
+    if isinstance(committed, dict) and isinstance(regenerated, dict):
+        for key in sorted(set(committed) | set(regenerated)):
+            if key not in committed or key not in regenerated:
+                problems.append(f"{where}/{key}: present in only one summary")
+                continue
+            problems += compare_summaries(committed[key], regenerated[key], atol=atol, where=f"{where}/{key}")
+        return problems
+    is_float = isinstance(committed, float) or isinstance(regenerated, float)
+    if is_float and isinstance(committed, (int, float)) and isinstance(regenerated, (int, float)):
+        both_nan = math.isnan(committed) and math.isnan(regenerated)
+        if not both_nan and not abs(committed - regenerated) <= atol:
+            problems.append(f"{where}: committed {committed!r}, regenerated {regenerated!r}")
+    elif committed != regenerated:
+        problems.append(f"{where}: committed {committed!r}, regenerated {regenerated!r}")
+    return problems

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from theory._precision import float64_if_given
+
 __all__ = [
     "gd_amplification",
     "predict_rho",
@@ -25,15 +27,19 @@ __all__ = [
     "truncated_closure_inputs",
 ]
 
-# Below this |lr * lambda| the closed form 1 - (1 - x)^T loses digits; the second-order series
-# lr*T*(1 - (T-1) x / 2) is exact to O(x^2 T^3), far under float64 round-off there.
-_SMALL_CURVATURE = 1e-7
 
-
+@float64_if_given
 def gd_amplification(eigenvalues, lr, steps):
-    r"""Curvature amplification a(lambda, T) of full-batch GD.
+    r"""Curvature amplification a(lambda, T) of full-batch GD, exact for every (lr lambda, T).
 
-    .. math:: a(\lambda, T) = \frac{1 - (1 - \eta\lambda)^T}{\lambda}, \quad a(0, T) = \eta T.
+    .. math:: a(\lambda, T) = \frac{1 - (1 - \eta\lambda)^T}{\lambda}
+              = -\frac{\mathrm{expm1}(T\,\mathrm{log1p}(-\eta\lambda))}{\lambda},
+              \quad a(0, T) = \eta T.
+
+    The expm1/log1p form keeps full relative precision as eta lambda -> 0 at any T (a series in
+    eta lambda alone does not: its error grows like (T eta lambda)^2). For eta lambda > 1 the base
+    1 - eta lambda is negative: (1 - x)^T = (-1)^T exp(T log1p(x - 2)), which stays exact near
+    eta lambda = 2 (|base| -> 1).
 
     Args:
       eigenvalues: Hessian eigenvalues, any shape ``(...)``; may be negative.
@@ -48,23 +54,28 @@ def gd_amplification(eigenvalues, lr, steps):
     0.244
     """
     lam = jnp.asarray(eigenvalues)
+    if not jnp.issubdtype(lam.dtype, jnp.floating):
+        lam = lam.astype(jnp.result_type(float))
     steps = jnp.asarray(steps)
-    lr = jnp.asarray(lr, dtype=lam.dtype if jnp.issubdtype(lam.dtype, jnp.floating) else None)
     t = steps.reshape(steps.shape + (1,) * lam.ndim).astype(lam.dtype)
-    x = lr * lam
-    base = 1.0 - x
-    # (1 - x)^T for a possibly negative base and integer T, without pow's NaN for base < 0.
+    x = jnp.asarray(lr, lam.dtype) * lam
     odd = jnp.mod(steps.reshape(t.shape), 2) == 1
-    sign = jnp.where((base < 0) & odd, -1.0, 1.0)
-    safe_abs = jnp.where(base == 0, 1.0, jnp.abs(base))
-    power = jnp.where(base == 0, jnp.where(t == 0, 1.0, 0.0), sign * jnp.exp(t * jnp.log(safe_abs)))
-    small = jnp.abs(x) < _SMALL_CURVATURE
-    safe_lam = jnp.where(small, 1.0, lam)
-    exact = (1.0 - power) / safe_lam
-    series = lr * t * (1.0 - 0.5 * (t - 1.0) * x)
-    return jnp.where(small, series, exact)
+    positive_base = x < 1.0
+    # log|1 - x|: log1p(-x) for x < 1, log1p(x - 2) for x >= 1 (x - 2 is exact there: Sterbenz).
+    log_abs_base = jnp.where(
+        positive_base, jnp.log1p(-jnp.minimum(x, 1.0)), jnp.log1p(jnp.maximum(x, 1.0) - 2.0)
+    )
+    # 1 - (1 - x)^T without cancellation: -expm1(T log|base|) unless the sign flips (odd T, x > 1).
+    flips = (~positive_base) & odd
+    one_minus_power = jnp.where(flips, 1.0 + jnp.exp(t * log_abs_base), -jnp.expm1(t * log_abs_base))
+    # x == 1: the base is exactly 0, so (1 - x)^T = 0 for T >= 1 (log1p(-1) = -inf gives that too,
+    # but 0 * -inf at T = 0 would be NaN).
+    one_minus_power = jnp.where(t == 0, 0.0, one_minus_power)
+    zero = lam == 0
+    return jnp.where(zero, jnp.asarray(lr, lam.dtype) * t, one_minus_power / jnp.where(zero, 1.0, lam))
 
 
+@float64_if_given
 def predict_rho(eigenvalues, grad_coords, delta_coords, lr, steps):
     r"""Resurgence rho(T) of full-batch GD from a complete eigendecomposition (theory.md s.4).
 
@@ -94,6 +105,7 @@ def predict_rho(eigenvalues, grad_coords, delta_coords, lr, steps):
     return _rho_sum(eigenvalues, grad_coords, delta_coords, lr, steps, jnp.sum(delta_coords**2))
 
 
+@float64_if_given
 def predict_rho_truncated(
     eigenvalues,
     grad_coords,
@@ -128,6 +140,7 @@ def predict_rho_truncated(
     return head + tail / delta_norm_sq
 
 
+@float64_if_given
 def truncated_closure_inputs(eigenvalues, eigenvectors, hessian_matvec, grad, delta):
     """Project g and delta on the top-k eigenvectors and form the closure's remainder terms.
 

@@ -13,6 +13,7 @@ __all__ = [
     "curvature_along_delta",
     "spectral_weights",
     "principal_angles",
+    "angles_between_orthonormal",
 ]
 
 
@@ -53,17 +54,42 @@ def principal_angles(basis_a: jax.Array, basis_b: jax.Array) -> jax.Array:
     """Principal angles (radians, ascending) between span(basis_a) and span(basis_b).
 
     Args:
-      basis_a: shape ``(n, p)``; basis_b: shape ``(n, q)``; columns need not be orthonormal.
+      basis_a: shape ``(n, p)``; basis_b: shape ``(n, q)``; columns need not be orthonormal but
+        must be linearly independent (p, q <= n).
 
     Returns:
-      Shape ``(min(p, q),)``, in [0, pi/2].
+      Shape ``(min(p, q),)``, in [0, pi/2], exact to round-off at small angles (arcsin branch).
     """
     qa, _ = jnp.linalg.qr(basis_a)
     qb, _ = jnp.linalg.qr(basis_b)
-    cosines = jnp.linalg.svd(qa.T @ qb, compute_uv=False)
-    # arccos loses accuracy near 0; use arcsin of the orthogonal residual there (as scipy does).
-    cos = jnp.clip(cosines, -1.0, 1.0)
-    residual = qb - qa @ (qa.T @ qb)
-    sines = jnp.linalg.svd(residual, compute_uv=False)[::-1][: cos.shape[0]]
-    small = cos > jnp.sqrt(0.5)
-    return jnp.sort(jnp.where(small, jnp.arcsin(jnp.clip(sines, 0.0, 1.0)), jnp.arccos(cos)))
+    return angles_between_orthonormal(qa, qb, qa.shape[1], qb.shape[1])
+
+
+def angles_between_orthonormal(qa: jax.Array, qb: jax.Array, rank_a, rank_b) -> jax.Array:
+    """Principal angles between the spans of orthonormal columns; zero columns are ignored.
+
+    The one implementation used by :func:`principal_angles`, the sweep and ``bridge``. arccos of
+    the cosines loses half the digits near 0 (an angle of 1e-9 rad came out as 1.5e-8), so small
+    angles come from arcsin of the singular values of the residual ``qb - qa qa^T qb`` (as
+    ``scipy.linalg.subspace_angles`` does; written here because it must run inside ``jit``/``vmap``
+    with traced ranks).
+
+    Args:
+      qa: ``(n, p)`` orthonormal columns, possibly with zero (masked) columns; rank_a of them
+        nonzero. qb: ``(n, q)`` likewise with rank_b nonzero columns, q <= n.
+      rank_a, rank_b: numbers of nonzero columns (ints or traced integer scalars).
+
+    Returns:
+      Shape ``(min(p, q),)``: ascending angles in radians; NaN past min(rank_a, rank_b).
+    """
+    coupling = qa.T @ qb
+    cosines = jnp.clip(jnp.linalg.svd(coupling, compute_uv=False), 0.0, 1.0)  # descending
+    count = cosines.shape[0]
+    residual = qb - qa @ coupling
+    sines = jnp.sort(jnp.linalg.svd(residual, compute_uv=False))  # ascending
+    # qb's q - rank_b zero columns add that many zero singular values in front: skip them.
+    offset = qb.shape[1] - rank_b
+    sines = jnp.take(sines, offset + jnp.arange(count), mode="clip")
+    near_zero = cosines > jnp.sqrt(0.5)
+    angles = jnp.where(near_zero, jnp.arcsin(jnp.clip(sines, 0.0, 1.0)), jnp.arccos(cosines))
+    return jnp.where(jnp.arange(count) < jnp.minimum(rank_a, rank_b), angles, jnp.nan)

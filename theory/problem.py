@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from theory import _checks
+from theory._precision import warn_once_if_float32
 
 __all__ = [
     "NoiseSchedule",
@@ -257,6 +258,7 @@ def make_problem(
     Raises:
       ValueError: non-positive sizes, negative or non-finite decay/scale, rho_c outside [0, 1).
     """
+    warn_once_if_float32("make_problem")
     dim = _checks.positive_int("dim", dim)
     embed_dim = _checks.positive_int("embed_dim", embed_dim)
     decay = _checks.finite_float("spectrum_decay", spectrum_decay, low=0.0)
@@ -277,6 +279,7 @@ def problem_from_arrays(generator, covariance, embeddings, schedule: NoiseSchedu
     Raises:
       ValueError: mismatched shapes, non-finite entries, or a covariance that is not SPD.
     """
+    warn_once_if_float32("problem_from_arrays")
     a = _checks.finite_array("generator", generator)
     if a.ndim != 2:
         raise ValueError(f"`generator` must be a (d, m) matrix; got shape {a.shape}.")

@@ -36,7 +36,7 @@ import optax
 
 from theory.finetune import finetune_setup, gd_closed_form, predicted_rho_closed_form
 from theory.law import predict_rho_truncated
-from theory.observables import curvature_along_delta, spectral_weights
+from theory.observables import angles_between_orthonormal, curvature_along_delta, spectral_weights
 from theory.observables import rho as rho_observable
 from theory.presence import incidental_presence_matrix, presence
 from theory.pretrain import bayes_optimal_denoiser
@@ -191,9 +191,7 @@ def _angles(forget_basis, forget_weights, ft_embeddings, ft_probs):
 
     qa, ra = range_basis(forget_basis, forget_weights)
     qb, rb = range_basis(ft_embeddings, ft_probs)
-    cosines = jnp.linalg.svd(qa.T @ qb, compute_uv=False)[: forget_basis.shape[1]]
-    angles = jnp.arccos(jnp.clip(cosines, 0.0, 1.0))
-    return jnp.where(jnp.arange(angles.shape[0]) < jnp.minimum(ra, rb), angles, jnp.nan)
+    return angles_between_orthonormal(qa, qb, ra, rb)[: forget_basis.shape[1]]
 
 
 def _truncated(setup, lr, steps, ranks):

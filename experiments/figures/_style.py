@@ -48,6 +48,8 @@ class FigureResult:
     pdf: Path
     data: dict
     dataset: object = None
+    # The numbers the figure's title and the docs state (JSON-able), collected into summary.json.
+    summary: dict = dataclasses.field(default_factory=dict)
 
 
 def figure(nrows=1, ncols=1, height=3.6, **kwargs):

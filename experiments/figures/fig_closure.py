@@ -55,4 +55,10 @@ def make(out="figures", runs="runs/figures", *, config=None, progress=False) -> 
         "ranks": ranks,
         "median_error": err_k,
     }
-    return FigureResult(png, pdf, data, ds)
+    summary = {
+        "problems": int(sim.size),
+        "median_error_by_rank": {str(int(k)): float(e) for k, e in zip(ranks, err_k, strict=True)},
+        "median_error_full_law": err_full,
+        "first_rank_below_0.01": None if good is None else int(good),
+    }
+    return FigureResult(png, pdf, data, ds, summary)

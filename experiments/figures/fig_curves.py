@@ -49,4 +49,13 @@ def make(out="figures", runs="runs/figures", *, config=None, progress=False) -> 
         y=1.04,
     )
     png, pdf = save(fig, out, NAME)
-    return FigureResult(png, pdf, data, ds)
+    adam_final = ds.rho.sel({"optimizer": "adam", "lr": panels[1][1]}).isel(steps=-1)
+    summary = {
+        "methods_revived_gd": revived,
+        "methods": int(gd_final.size),
+        "max_rho_gd": float(gd_final.max()),
+        "max_rho_gd_method": best,
+        "final_rho_gd": {str(m): float(v) for m, v in zip(gd_final.method.values, gd_final.values, strict=True)},
+        "final_rho_adam": {str(m): float(v) for m, v in zip(adam_final.method.values, adam_final.values, strict=True)},
+    }
+    return FigureResult(png, pdf, data, ds, summary)

@@ -70,4 +70,11 @@ def make(out="figures", runs="runs/figures", *, config=None, progress=False) -> 
         n_values,
         ds.common_component.values,
     )
-    return FigureResult(png, pdf, data, ds)
+    summary = {
+        "rise_over_lr": float(by_lr[-1] / by_lr[0]),
+        "change_num_erased": float(by_n[-1] - by_n[0]),
+        "change_common_component": float(by_rc[-1] - by_rc[0]),
+        "random_problems": int(n_seeds),
+        "steps": t_final,
+    }
+    return FigureResult(png, pdf, data, ds, summary)

@@ -55,4 +55,10 @@ def make(out="figures", runs="runs/figures", *, config=None, progress=False) -> 
         "predicted_rho": law,
         "stable": stable,
     }
-    return FigureResult(png, pdf, data, ds)
+    summary = {
+        "steps": t_final,
+        "max_rho": float(np.nanmax(np.where(stable, sim, np.nan))),
+        "max_abs_rho_at_90_degrees": float(np.max(np.abs(sim[:, -1]))),
+        "max_abs_law_minus_simulation": float(np.nanmax(np.abs(np.where(stable, law - sim, np.nan)))),
+    }
+    return FigureResult(png, pdf, data, ds, summary)

@@ -55,4 +55,13 @@ def make(out="figures", runs="runs/figures", *, config=None, progress=False) -> 
     )
     fig.subplots_adjust(wspace=0.55)
     png, pdf = save(fig, out, NAME)
-    return FigureResult(png, pdf, {"methods": methods, "bars": bars, "incidental": heat}, ds)
+    summary = {
+        "methods_revived": revived,
+        "methods": len(methods),
+        "presence": {
+            m: dict(zip(("before", "unlearned", "finetuned"), map(float, bars[:, i]), strict=True))
+            for i, m in enumerate(methods)
+        },
+    }
+    data = {"methods": methods, "bars": bars, "incidental": heat}
+    return FigureResult(png, pdf, data, ds, summary)

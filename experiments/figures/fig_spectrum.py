@@ -56,4 +56,5 @@ def make(out="figures", runs="runs/figures", *, config=None, progress=False) -> 
     )
     fig.subplots_adjust(wspace=0.3)
     png, pdf = save(fig, out, NAME)
-    return FigureResult(png, pdf, data, ds)
+    summary = {"weight_in_range": {f"{float(v):g}": data[float(v)]["weight_in_range"] for v in values}}
+    return FigureResult(png, pdf, data, ds, summary)

@@ -135,9 +135,17 @@ def test_reset_repair_resets_and_repairs_only_salient_entries(setup):
 
 # Retained prompts: methods with a retain term or a closed-form ridge keep every other concept's
 # self-presence within 0.06 (Monte-Carlo std 0.005 at 4096 samples with a shared key, plus the
-# true change, measured <= 0.04). ESD and SDD have no retain term, as published: with Adam and a
-# shared embedding component (rho_c = 0.3) they damage neighbours, so only a loose bound holds.
-RETAINED_TOLERANCE = {"esd_x": 0.6, "esd_u": 0.6, "sdd": 0.4}
+# true change, measured <= 0.04).
+RETAINED_TOLERANCE = 0.06
+# ESD and SDD have no retain term, as published: with Adam and a shared embedding component
+# (rho_c = 0.3) they damage neighbours. Their signed changes of concepts 1..3's self-presence,
+# measured with 2**18 samples (Monte-Carlo std <= 0.001), are stated here and tested to 0.035:
+# 3 std of the difference of two independent 4096-sample estimates (sqrt(2 * 0.25 / 4096) = 0.011).
+NO_RETAIN_CHANGE = {
+    "esd_x": (0.034, -0.147, -0.501),
+    "esd_u": (0.012, -0.081, -0.271),
+    "sdd": (0.028, -0.115, -0.325),
+}
 
 
 @pytest.mark.parametrize("name", METHOD_NAMES)
@@ -147,13 +155,57 @@ def test_every_preset_erases_and_keeps_the_rest(setup, pretrained_presence, name
     after = np.asarray(incidental_presence_matrix(problem, theta_u, range(K)))
     before_f, after_f = pretrained_presence[0, 0], after[0, 0]
     assert before_f > 0.9 and after_f < 0.3, (before_f, after_f)
-    change = np.abs(np.diag(after) - np.diag(pretrained_presence))[1:]
-    assert change.max() < RETAINED_TOLERANCE.get(name, 0.06), change
+    change = (np.diag(after) - np.diag(pretrained_presence))[1:]
+    if name in NO_RETAIN_CHANGE:
+        np.testing.assert_allclose(change, NO_RETAIN_CHANGE[name], atol=0.035)
+    else:
+        assert np.abs(change).max() < RETAINED_TOLERANCE, change
 
 
-# EraseDiff is left out: ascending the joint forget loss has no target output, and in this model
-# it drives concept 1's prompt into concept 1's own region (presence 0.8-1.0), a measured failure.
-@pytest.mark.parametrize("name", [n for n in METHOD_NAMES if n != "erasediff"])
+@pytest.mark.parametrize("name", METHOD_NAMES)
+def test_presets_do_not_amplify_round_off(name):
+    """A start perturbed at round-off level (1e-12) moves theta_u by at most 1e3 times as much.
+
+    Gradient ascent from a Bayes-optimal theta_0 fails this (a stationary saddle: Adam turns a
+    6e-16 gradient into O(1) moves, presence 0.0 or 1.0 depending on the perturbation's seed).
+    """
+    problem = make_problem(jax.random.PRNGKey(3), dim=8, embed_dim=6, num_concepts=K, num_levels=4)
+    theta_0 = pretrain_closed_form(problem, concept_distribution(problem, np.full(K, 1.0 / K)))
+    base = unlearn(problem, theta_0, name, 0)
+    for seed in (1, 2):
+        noise = 1e-12 * jax.random.normal(jax.random.PRNGKey(seed), theta_0.shape, theta_0.dtype)
+        moved = float(jnp.max(jnp.abs(unlearn(problem, theta_0 + noise, name, 0) - base)))
+        assert moved < 1e-9, (name, seed, moved)
+
+
+def test_gradient_ascent_start_is_a_round_off_sensitive_saddle():
+    """Why EraseDiff is not gradient ascent here: the same perturbation test fails for it."""
+    problem = make_problem(jax.random.PRNGKey(3), dim=8, embed_dim=6, num_concepts=K, num_levels=4)
+    theta_0 = pretrain_closed_form(problem, concept_distribution(problem, np.full(K, 1.0 / K)))
+    ascent = compose(
+        "gradient_ascent", "all", optax_solver(optax.adam(1e-2), 100), retain_weight=10.0
+    )
+    base = unlearn(problem, theta_0, ascent, 0)
+    noise = 1e-12 * jax.random.normal(jax.random.PRNGKey(1), theta_0.shape, theta_0.dtype)
+    assert float(jnp.max(jnp.abs(unlearn(problem, theta_0 + noise, ascent, 0) - base))) > 1e-6
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_erasediff_erases_on_every_problem(seed):
+    """EraseDiff's property over several random problems, not one draw (presence <= 0.1, measured
+    <= 0.04; neighbours move by <= 0.02, measured <= 0.002)."""
+    problem = make_problem(
+        jax.random.PRNGKey(seed), dim=8, embed_dim=6, num_concepts=K, num_levels=4
+    )
+    theta_0 = pretrain_closed_form(problem, concept_distribution(problem, np.full(K, 1.0 / K)))
+    before = np.diag(np.asarray(incidental_presence_matrix(problem, theta_0, range(K))))
+    theta_u = unlearn(problem, theta_0, "erasediff", 0)
+    after = np.diag(np.asarray(incidental_presence_matrix(problem, theta_u, range(K))))
+    assert after[0] <= 0.1 < before[0] - 0.5, (before[0], after[0])
+    assert np.abs(after[1:] - before[1:]).max() <= 0.02, after - before
+
+
+@pytest.mark.parametrize("name", METHOD_NAMES)
 def test_mass_erasure_lowers_every_forget_concept(setup, pretrained_presence, name):
     problem, theta_0 = setup
     theta_u = unlearn(problem, theta_0, name, (0, 1))
@@ -195,9 +247,11 @@ def test_bad_input_messages(setup):
             unlearn(problem, theta_0, "salun", 0, q=q)
     with pytest.raises(
         ValueError,
-        match=re.escape(
-            "method `erasediff` (target `gradient_ascent`) needs a non-empty retain set"
-        ),
+        match=re.escape("method `ga` (target `gradient_ascent`) needs a non-empty retain set"),
+    ):
+        unlearn(problem, theta_0, compose("gradient_ascent", "all", "closed_form", name="ga"), 0, retain=())
+    with pytest.raises(
+        ValueError, match=re.escape("`anchor='first_retained'` needs a non-empty retain set.")
     ):
         unlearn(problem, theta_0, "erasediff", 0, retain=())
     with pytest.raises(
@@ -211,4 +265,6 @@ def test_bad_input_messages(setup):
     with pytest.raises(
         ValueError, match=re.escape("the masked unlearning objective is unbounded below")
     ):
-        unlearn(problem, theta_0, "erasediff", 0, solver="closed_form")
+        unlearn(
+            problem, theta_0, compose("gradient_ascent", "all", "closed_form", proximity=1e-3), 0
+        )

@@ -44,6 +44,7 @@ from theory.unlearning.targets import (
     get_target,
     gradient_ascent,
     negative_guidance,
+    noise_matching,
     null,
     prompt_moments,
 )
@@ -74,6 +75,7 @@ __all__ = [
     "gradient_ascent",
     "mace",
     "negative_guidance",
+    "noise_matching",
     "null",
     "optax_solver",
     "prompt_moments",

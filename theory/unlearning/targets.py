@@ -16,8 +16,13 @@ S_t = E[z z^T] and E[z] = [alpha_t A c_f; c_f]:
 
 All three are eps_0(x_t, c_tgt) = W0_t x_t + V0_t c_tgt for a target embedding c_tgt: c_a (anchor),
 0 (null), -g c_f (negative guidance: eps_0(x,0) - g (eps_0(x,c_f) - eps_0(x,0)) = W0 x - g V0 c_f).
+"noise_matching" (EraseDiff) asks for a noise that is unrelated to x_t: an independent
+eps_f ~ U(0, 1)^d, whose expected objective is that of the constant target tau_t = E[eps_f] (its
+variance only adds a constant), so Q_t = S_t, B_t = mu 1 E[z]^T: a bounded quadratic.
 "gradient_ascent" instead maximises the forget diffusion loss: Q_t = -S_t, B_t = -[sigma_t I, 0];
-it is unbounded below and needs a retain term (and, for the closed form, enough proximity).
+it is unbounded below and needs a retain term (and, for the closed form, enough proximity). At a
+Bayes-optimal theta_0 its gradient vanishes and it has a saddle, so an Adam run from there
+amplifies round-off (kept for ablations; no preset uses it).
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ __all__ = [
     "null",
     "negative_guidance",
     "gradient_ascent",
+    "noise_matching",
     "get_target",
     "prompt_moments",
 ]
@@ -107,13 +113,16 @@ class Target:
     Attributes:
       name: registry name.
       target_embedding: for distillation targets, ``(problem, forget_index, retain) -> c_tgt`` so
-        that the target is eps_0(x_t, c_tgt); None for gradient ascent.
+        that the target is eps_0(x_t, c_tgt); None otherwise.
+      constant_output: for noise-matching targets, the expected target noise mu (the target is
+        the constant output mu 1, independent of x_t); None otherwise.
       needs_retain: the objective is unbounded without a retain term.
     """
 
     name: str
     target_embedding: Callable | None
     needs_retain: bool = False
+    constant_output: float | None = None
 
     def affine_target(self, problem: LinearDiffusionProblem, theta_0, forget: int, retain=()):
         """(T_t, b_t) of the target tau_t(x) = T_t x + b_t, shapes ``(L, d, d)``, ``(L, d)``.
@@ -121,6 +130,12 @@ class Target:
         Raises:
           ValueError: for gradient ascent, which has no target output.
         """
+        if self.constant_output is not None:
+            levels, d = theta_0.shape[0], problem.dim
+            return (
+                jnp.zeros((levels, d, d), theta_0.dtype),
+                jnp.full((levels, d), self.constant_output, theta_0.dtype),
+            )
         if self.target_embedding is None:
             raise ValueError(
                 f"target `{self.name}` has no target output (it ascends the forget loss)."
@@ -135,7 +150,7 @@ class Target:
         """The forget term for concept ``forget`` (data x_0 ~ N(A c_f, Sigma), prompt c_f)."""
         emb = problem.embeddings[:, forget]
         mean = problem.concept_means[:, forget]
-        if self.target_embedding is None:
+        if self.target_embedding is None and self.constant_output is None:
             s, _ = prompt_moments(problem, emb, mean)
             return Quadratic(-s, -target_moments(problem.schedule, problem.dim, problem.embed_dim))
         weight, bias = self.affine_target(problem, theta_0, forget, retain)
@@ -227,11 +242,28 @@ def gradient_ascent() -> Target:
     return Target("gradient_ascent", None, needs_retain=True)
 
 
+def noise_matching(mean=0.5) -> Target:
+    r"""Match the forget prompt's prediction to a noise unrelated to x_t (EraseDiff's forget term).
+
+    EraseDiff (Wu et al. 2024, arXiv 2401.05779) trains eps_theta(x_t, t, c_f) towards
+    eps_f ~ U(0, I) instead of the noise that made x_t. With eps_f independent of x_t,
+    E||theta z - eps_f||^2 = E||theta z - mu 1||^2 + const (mu = E[eps_f] = 0.5 for U(0, 1)): a
+    bounded quadratic whose gradient at a Bayes-optimal theta_0 is O(1), so optimiser runs from
+    there do not depend on round-off.
+
+    Raises:
+      ValueError: ``mean`` not finite.
+    """
+    mu = _checks.finite_float("mean", mean)
+    return Target("noise_matching", None, constant_output=mu)
+
+
 TARGETS: dict[str, Callable[..., Target]] = {
     "anchor": anchor,
     "null": null,
     "negative_guidance": negative_guidance,
     "gradient_ascent": gradient_ascent,
+    "noise_matching": noise_matching,
 }
 
 
