@@ -15,12 +15,23 @@ from theory.finetune import (
     predicted_rho_closed_form,
     simulate_finetune,
 )
+from theory.krylov import (
+    LanczosRun,
+    krylov_displacement,
+    krylov_readout_change,
+    lanczos,
+    quadrature_amplification,
+)
 from theory.law import (
     gd_amplification,
+    predict_readout_change,
+    predict_readout_change_truncated,
     predict_rho,
     predict_rho_truncated,
+    readout_closure_inputs,
     truncated_closure_inputs,
 )
+from theory.readouts import READOUT_NAMES, Readouts, presence_readout, readouts
 from theory.observables import (
     curvature_along_delta,
     forget_loss_recovery,
@@ -110,6 +121,18 @@ __all__ = [
     "new_concept_distribution",
     "predict_rho",
     "predict_rho_truncated",
+    "predict_readout_change",
+    "predict_readout_change_truncated",
+    "readout_closure_inputs",
+    "LanczosRun",
+    "lanczos",
+    "quadrature_amplification",
+    "krylov_readout_change",
+    "krylov_displacement",
+    "READOUT_NAMES",
+    "Readouts",
+    "readouts",
+    "presence_readout",
     "predicted_rho_closed_form",
     "predicted_rho_preconditioned",
     "pretrain_by_steps",

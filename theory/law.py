@@ -24,6 +24,9 @@ __all__ = [
     "gd_amplification",
     "predict_rho",
     "predict_rho_truncated",
+    "predict_readout_change",
+    "predict_readout_change_truncated",
+    "readout_closure_inputs",
     "truncated_closure_inputs",
 ]
 
@@ -102,7 +105,75 @@ def predict_rho(eigenvalues, grad_coords, delta_coords, lr, steps):
     array([0.25, 0.5 ])
     """
     delta_coords = jnp.asarray(delta_coords)
-    return _rho_sum(eigenvalues, grad_coords, delta_coords, lr, steps, jnp.sum(delta_coords**2))
+    return _law_sum(eigenvalues, grad_coords, delta_coords, lr, steps) / jnp.sum(delta_coords**2)
+
+
+@float64_if_given
+def predict_readout_change(eigenvalues, grad_coords, readout_coords, lr, steps):
+    r"""First-order change Delta R(T) of any readout R under full-batch GD (theory.md s.4b).
+
+    .. math:: \Delta R(T) = \langle \nabla R(\theta_u), \theta_T - \theta_u\rangle
+              = -\sum_i a_i(T)\,\langle g, v_i\rangle\langle v_i, \nabla R(\theta_u)\rangle
+
+    Exact when R is linear in theta (rho, output_rho in the linear model); first order otherwise.
+    rho is the case grad R = -delta / ||delta||^2 (:func:`predict_rho`): the same kernel.
+
+    Args:
+      eigenvalues: lambda_i, shape ``(n,)`` (a complete eigenbasis; for top-k use
+        :func:`predict_readout_change_truncated`).
+      grad_coords: <g, v_i>, g the fine-tuning gradient at theta_u, shape ``(n,)``.
+      readout_coords: <grad R(theta_u), v_i>, shape ``(n,)``.
+      lr: GD step size eta; steps: step counts ``(S,)``.
+
+    Returns:
+      Delta R for each step count, shape ``(S,)``, in the readout's units.
+
+    >>> import numpy as np
+    >>> lam, g, r = np.array([2.0, 0.0]), np.array([1.0, 1.0]), np.array([3.0, 1.0])
+    >>> # T = 1: -lr * <g, grad R> = -0.1 * 4
+    >>> float(predict_readout_change(lam, g, r, 0.1, np.array([1]))[0])
+    -0.4
+    """
+    return -_law_sum(eigenvalues, grad_coords, readout_coords, lr, steps)
+
+
+@float64_if_given
+def predict_readout_change_truncated(
+    eigenvalues, grad_coords, readout_coords, lr, steps, *, grad_perp_dot_readout, lambda_perp
+):
+    r"""Delta R(T) from top-k eigenpairs plus the closure direction g_perp (theory.md s.4, 4b).
+
+    .. math:: \Delta R_k(T) = -\sum_{i\le k} a_i(T) g_i r_i
+              - a(\lambda_\perp, T)\,\langle g_\perp, \nabla R\rangle
+
+    Args:
+      eigenvalues, grad_coords, readout_coords: top-k quantities, shape ``(k,)``.
+      lr: GD step size; steps: ``(S,)``.
+      grad_perp_dot_readout: <g_perp, grad R> (scalar); lambda_perp: Rayleigh quotient of H
+        along g_perp (scalar). See :func:`readout_closure_inputs`.
+
+    Returns:
+      Delta R_k for each step count, shape ``(S,)``.
+    """
+    head = _law_sum(eigenvalues, grad_coords, readout_coords, lr, steps)
+    tail = gd_amplification(jnp.asarray(lambda_perp), lr, steps) * grad_perp_dot_readout
+    return -(head + tail)
+
+
+@float64_if_given
+def readout_closure_inputs(eigenvectors, grad, readout):
+    """<v_i, grad R> on the top-k eigenvectors and <g_perp, grad R> for the closure.
+
+    Args:
+      eigenvectors: orthonormal columns ``(n, k)``; grad: g ``(n,)``; readout: grad R ``(n,)``.
+
+    Returns:
+      dict with ``readout_coords`` ``(k,)`` and ``grad_perp_dot_readout`` (scalar); with the
+      ``eigenvalues``, ``grad_coords`` and ``lambda_perp`` of :func:`truncated_closure_inputs`
+      they are the arguments of :func:`predict_readout_change_truncated`.
+    """
+    g_perp = grad - eigenvectors @ (eigenvectors.T @ grad)
+    return {"readout_coords": eigenvectors.T @ readout, "grad_perp_dot_readout": g_perp @ readout}
 
 
 @float64_if_given
@@ -135,9 +206,16 @@ def predict_rho_truncated(
     Returns:
       rho_k for each step count, shape ``(S,)``.
     """
-    head = _rho_sum(eigenvalues, grad_coords, delta_coords, lr, steps, delta_norm_sq)
-    tail = gd_amplification(jnp.asarray(lambda_perp), lr, steps) * grad_perp_dot_delta
-    return head + tail / delta_norm_sq
+    # rho_k = Delta R_k for grad R = -delta / ||delta||^2: the readout law's kernel.
+    return predict_readout_change_truncated(
+        eigenvalues,
+        grad_coords,
+        -jnp.asarray(delta_coords) / delta_norm_sq,
+        lr,
+        steps,
+        grad_perp_dot_readout=-grad_perp_dot_delta / delta_norm_sq,
+        lambda_perp=lambda_perp,
+    )
 
 
 @float64_if_given
@@ -170,8 +248,9 @@ def truncated_closure_inputs(eigenvalues, eigenvectors, hessian_matvec, grad, de
     }
 
 
-def _rho_sum(eigenvalues, grad_coords, delta_coords, lr, steps, delta_norm_sq):
+def _law_sum(eigenvalues, grad_coords, coords, lr, steps):
+    """The one kernel of the law: sum_i a_i(T) <g, v_i> <v_i, u> for each T, shape ``(S,)``."""
     amp = gd_amplification(eigenvalues, lr, steps)  # (S, n)
-    weights = jnp.asarray(grad_coords) * jnp.asarray(delta_coords)
-    return jnp.sum(amp * weights, axis=-1) / delta_norm_sq
+    weights = jnp.asarray(grad_coords) * jnp.asarray(coords)
+    return jnp.sum(amp * weights, axis=-1)
 
