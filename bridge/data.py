@@ -14,7 +14,13 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-__all__ = ["IMAGE_SUFFIXES", "CaptionedImages", "load_caption_folder", "save_caption_folder"]
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "CaptionedImages",
+    "check_caption_folder",
+    "load_caption_folder",
+    "save_caption_folder",
+]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -25,6 +31,52 @@ class CaptionedImages(NamedTuple):
     images: torch.Tensor
     captions: list[str]
     stems: list[str]
+
+
+def check_caption_folder(folder: str | Path) -> list[tuple[str, Path, str]]:
+    """Check a caption folder's files without decoding an image: the rule the loader applies.
+
+    Commands call this before any model loads, so that a wrong ``--data`` folder fails at once.
+
+    Args:
+      folder: directory of images (``.png``, ``.jpg``, ...) and same-stem ``.txt`` captions.
+
+    Returns:
+      ``(stem, image path, caption)`` for each image, sorted by stem.
+
+    Raises:
+      FileNotFoundError: if ``folder`` does not exist or is not a directory.
+      ValueError: if the folder has no images, an image has no caption, a caption has no image,
+        or a caption is empty.
+    """
+    folder = Path(folder)
+    layout = "images with same-stem .txt captions, e.g. cat_01.png + cat_01.txt"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder does not exist: {folder} (expected {layout})")
+    images = {p.stem: p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
+    captions = {p.stem: p for p in folder.iterdir() if p.suffix.lower() == ".txt"}
+    if not images:
+        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}; expected {layout}")
+    no_caption = sorted(set(images) - set(captions))
+    if no_caption:
+        raise ValueError(
+            f"caption files do not match images in {folder}: {len(no_caption)} image(s) without a "
+            f"same-stem .txt caption, e.g. {images[no_caption[0]].name} "
+            f"(expected {no_caption[0]}.txt)"
+        )
+    no_image = sorted(set(captions) - set(images))
+    if no_image:
+        raise ValueError(
+            f"caption files do not match images in {folder}: {len(no_image)} caption(s) without an "
+            f"image, e.g. {captions[no_image[0]].name}"
+        )
+    found = []
+    for stem in sorted(images):
+        text = captions[stem].read_text().strip()
+        if not text:
+            raise ValueError(f"caption file {captions[stem]} is empty; write the image's caption")
+        found.append((stem, images[stem], text))
+    return found
 
 
 def load_caption_folder(
@@ -54,50 +106,28 @@ def load_caption_folder(
     """
     from PIL import Image
 
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"image folder does not exist: {folder}")
-    images = {p.stem: p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
-    captions = {p.stem: p for p in folder.iterdir() if p.suffix.lower() == ".txt"}
-    if not images:
-        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
-    no_caption = sorted(set(images) - set(captions))
-    if no_caption:
-        raise ValueError(
-            f"caption files do not match images in {folder}: {len(no_caption)} image(s) without a "
-            f"same-stem .txt caption, e.g. {images[no_caption[0]].name} "
-            f"(expected {no_caption[0]}.txt)"
-        )
-    no_image = sorted(set(captions) - set(images))
-    if no_image:
-        raise ValueError(
-            f"caption files do not match images in {folder}: {len(no_image)} caption(s) without an "
-            f"image, e.g. {captions[no_image[0]].name}"
-        )
-    stems = sorted(images)
-    tensors, texts = [], []
-    for stem in stems:
-        text = captions[stem].read_text().strip()
-        if not text:
-            raise ValueError(f"caption file {captions[stem]} is empty")
-        with Image.open(images[stem]) as img:
+    files = check_caption_folder(folder)
+    tensors, texts, stems = [], [], []
+    for stem, image_path, text in files:
+        with Image.open(image_path) as img:
             if img.mode != mode:
                 if not convert:
                     raise ValueError(
-                        f"image {images[stem].name} has mode {img.mode!r}, expected {mode!r} "
+                        f"image {image_path.name} has mode {img.mode!r}, expected {mode!r} "
                         "(pass convert=True to convert)"
                     )
                 img = img.convert(mode)
             if img.size != (size, size):
                 if not resize:
                     raise ValueError(
-                        f"image {images[stem].name} has size {img.size[0]}x{img.size[1]}, expected "
+                        f"image {image_path.name} has size {img.size[0]}x{img.size[1]}, expected "
                         f"{size}x{size} (pass resize=True to resize)"
                     )
                 img = img.resize((size, size), Image.BICUBIC)
             arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
         tensors.append(torch.from_numpy(arr).permute(2, 0, 1))
         texts.append(text)
+        stems.append(stem)
     return CaptionedImages(torch.stack(tensors), texts, stems)
 
 

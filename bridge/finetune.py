@@ -20,6 +20,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -29,6 +30,7 @@ from tqdm.auto import tqdm
 
 from bridge.groups import ParameterGroup, select_group
 from bridge.loss import ProbeBatch
+from theory._atomic import atomic_write, atomic_write_text, remove_partial_writes
 
 __all__ = [
     "FinetuneConfig",
@@ -214,10 +216,25 @@ def _trainable_unet(unet, cfg: FinetuneConfig):
     return model
 
 
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
+def _load_checkpoint(path: Path) -> dict | None:
+    """The checkpoint at ``path``, or None (with a warning) if it cannot be read.
+
+    Checkpoints are written atomically, so one that exists is complete; a file damaged outside
+    this program (a copy cut short) is not trusted: the run starts again from step 0, which
+    gives the same result because the run is deterministic.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if not isinstance(state, dict) or "config_digest" not in state:
+            raise ValueError("not a fine-tuning checkpoint")
+    except Exception as err:  # torch raises RuntimeError, pickle/zip errors, EOFError, ...
+        warnings.warn(
+            f"checkpoint {path} is unreadable ({type(err).__name__}: {err}); "
+            "starting from step 0 (it will be overwritten).",
+            stacklevel=3,
+        )
+        return None
+    return state
 
 
 def finetune(
@@ -275,8 +292,10 @@ def finetune(
     ckpt = out / "checkpoint.pt" if out is not None else None
     history: list[dict[str, float]] = []
     start = 0
-    if ckpt is not None and ckpt.is_file():
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    if out is not None:
+        remove_partial_writes(out)  # temporaries of a killed run; never a finished file
+    state = _load_checkpoint(ckpt) if ckpt is not None and ckpt.is_file() else None
+    if state is not None:
         if state["config_digest"] != cfg.digest():
             raise ValueError(
                 f"checkpoint {ckpt} was written with another fine-tuning config "
@@ -298,18 +317,16 @@ def finetune(
         trainable_state = {
             n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad
         }
-        _atomic_save(
-            {
-                "step": step,
-                "trainable": trainable_state,
-                "optimizer": opt.state_dict(),
-                "rng": gen.get_state(),
-                "history": history,
-                "config": dataclasses.asdict(cfg),
-                "config_digest": cfg.digest(),
-            },
-            ckpt,
-        )
+        snapshot = {
+            "step": step,
+            "trainable": trainable_state,
+            "optimizer": opt.state_dict(),
+            "rng": gen.get_state(),
+            "history": history,
+            "config": dataclasses.asdict(cfg),
+            "config_digest": cfg.digest(),
+        }
+        atomic_write(ckpt, lambda tmp: torch.save(snapshot, tmp))
 
     def track(step: int, loss: float | None) -> None:
         rec: dict[str, float | None] = {"step": step, "loss": loss}
@@ -376,5 +393,5 @@ def finetune(
             on_step(step)
     final = _merged_copy(unet, model, cfg.trainable == "lora").eval()
     if out is not None:
-        (out / "history.json").write_text(json.dumps(history, indent=2) + "\n")
+        atomic_write_text(out / "history.json", json.dumps(history, indent=2) + "\n")
     return FinetuneResult(unet=final, history=history, out_dir=out)

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from theory._atomic import atomic_write_json
+
 __all__ = [
     "DEFAULT_VOCAB",
     "SPECIAL_TOKENS",
@@ -277,7 +279,7 @@ def save_tiny_pipeline(folder, unet, text_encoder=None, tokenizer=None, schedule
     scheduler = scheduler if scheduler is not None else tiny_scheduler("ddpm")
     scheduler.save_pretrained(folder / "scheduler")
     index["scheduler"] = ["diffusers", type(scheduler).__name__]
-    (folder / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    atomic_write_json(folder / "model_index.json", index)
     return folder
 
 

@@ -2,7 +2,8 @@
 
 A folder written here is an SD layout (``unet/`` plus, when the base folder is given, its
 ``text_encoder/``, ``tokenizer/`` and ``scheduler/``) and a ``manifest.json`` recording the method,
-its arguments, package versions, seed, git commit and a fingerprint of the base UNet. Checkpoints
+its arguments, package versions, seed, git commit and a fingerprint of the base UNet. Each part is
+written atomically and the manifest last, so a folder with a manifest is complete. Checkpoints
 made by other tools (MACE, SalUn, SHS, EraseDiff, SDD releases: folders or state-dict files) load
 through the same :func:`load_unlearned`, which checks the fingerprint when a manifest exists.
 """
@@ -18,6 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from theory._atomic import atomic_directory, atomic_write, remove_partial_writes
+from theory._atomic import atomic_write_json as write_json  # re-exported: one JSON writer
 
 __all__ = ["base_fingerprint", "load_unlearned", "run_manifest", "save_unlearned", "write_json"]
 
@@ -40,16 +44,6 @@ def run_manifest(**fields: Any) -> dict[str, Any]:
         "versions": {**package_versions(), "python": platform.python_version()},
         "git_commit": git_commit()["commit"],
     }
-
-
-def write_json(path: str | Path, obj: Any) -> Path:
-    """Write ``obj`` as sorted, indented JSON (atomic rename: an interrupt leaves no half file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-    tmp.replace(path)
-    return path
 
 
 def save_unlearned(
@@ -78,14 +72,22 @@ def save_unlearned(
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    unet.save_pretrained(folder / "unet")
+    remove_partial_writes(folder)  # what a killed save left
+    # the manifest marks a complete folder: drop an old one before touching the parts
+    (folder / "manifest.json").unlink(missing_ok=True)
+    with atomic_directory(folder / "unet") as tmp:
+        unet.save_pretrained(tmp)
     if base_folder is not None:
         base_folder = Path(base_folder)
         for sub in ("text_encoder", "tokenizer", "scheduler", "feature_extractor"):
             if (base_folder / sub).is_dir() and not (folder / sub).exists():
-                shutil.copytree(base_folder / sub, folder / sub)
+                with atomic_directory(folder / sub) as tmp:
+                    shutil.copytree(base_folder / sub, tmp, dirs_exist_ok=True)
         if (base_folder / "model_index.json").is_file():
-            shutil.copy(base_folder / "model_index.json", folder / "model_index.json")
+            atomic_write(
+                folder / "model_index.json",
+                lambda tmp: shutil.copyfile(base_folder / "model_index.json", tmp),
+            )
     manifest = run_manifest(
         method=method,
         args=args,

@@ -11,32 +11,45 @@ from typing import Annotated
 
 import typer
 
+from experiments import _validate as check
+from experiments._validate import UsageError, blame, one_line_errors
+
 DTYPES = ("float32", "float64", "float16", "bfloat16")
 
 
-def _steps(text: str) -> list[int]:
-    try:
-        values = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError as err:
-        raise typer.BadParameter(
-            f"`--steps` must be comma-separated integers, got {text!r}"
-        ) from err
-    if not values or min(values) < 0:
-        raise typer.BadParameter(f"`--steps` needs step counts >= 0, got {text!r}")
-    return values
-
-
 def _text_folder(base: Path, given: Path | None) -> Path:
+    """The pipeline folder whose text_encoder/ and tokenizer/ encode the prompts."""
     candidates = [given] if given else [base, base.parent]
     for folder in candidates:
-        if folder is not None and (folder / "text_encoder").is_dir():
+        if all((folder / sub).is_dir() for sub in ("text_encoder", "tokenizer")):
             return folder
-    raise typer.BadParameter(
-        f"no text_encoder/ + tokenizer/ found in {' or '.join(str(c) for c in candidates)}; "
-        "pass --text-encoder PIPELINE_FOLDER"
+    if given:
+        raise UsageError(
+            f"`--text-encoder` {check.quote(given)} has no text_encoder/ and tokenizer/ folders; "
+            "give the pipeline folder that holds them."
+        )
+    raise UsageError(
+        f"`--text-encoder` not given, and neither `--base` {check.quote(base)} nor its parent has "
+        "text_encoder/ and tokenizer/; pass --text-encoder PIPELINE_FOLDER."
     )
 
 
+def _save(result, out: Path, *, args: dict, seed: int, wall_time: float) -> None:
+    """Write ``measurement.nc`` (h5netcdf), ``manifest.json`` and ``spectrum.png``, atomically."""
+    from bridge.measure import plot_spectrum
+    from experiments.manifest import write_manifest
+    from theory._atomic import atomic_write
+
+    out.mkdir(parents=True, exist_ok=True)
+    dataset = result.to_xarray()
+    atomic_write(out / "measurement.nc", lambda tmp: dataset.to_netcdf(tmp, engine="h5netcdf"))
+    plot_spectrum(result, out / "spectrum.png")
+    write_manifest(
+        out, config=args, seeds={"seed": seed}, wall_time=wall_time, extra={"scalars": result.scalars}
+    )
+
+
+@one_line_errors
 def measure(
     base: Annotated[
         Path, typer.Option("--base", help="Base UNet folder or SD pipeline folder (local).")
@@ -111,20 +124,60 @@ def measure(
     verify: Annotated[
         bool,
         typer.Option(
-            "--verify/--no-verify", help="Also run GD on the frozen loss and report measured rho."
+            "--verify/--no-verify",
+            help="Also run GD on the frozen loss and report the measured readouts.",
         ),
     ] = False,
+    krylov_depth: Annotated[
+        int | None,
+        typer.Option(
+            "--krylov-depth",
+            help="Lanczos steps at the fine-tuning gradient for the exact Krylov prediction "
+            "(needs >= the largest --steps; default: no Krylov prediction).",
+        ),
+    ] = None,
 ) -> None:
-    """Measure curvature/subspaces at the unlearned UNet and predict resurgence (theory.md s.4)."""
+    """Measure curvature/subspaces at the unlearned UNet and predict resurgence (theory.md s.4).
+
+    Every argument is checked before any weights load; a bad one exits with code 2 and one line.
+    """
     if (finetune_prompts is None) == (finetune_data is None):
-        raise typer.BadParameter(
-            "give exactly one of --finetune-prompts FILE or --finetune-data DIR"
+        given = "both" if finetune_prompts is not None else "neither"
+        raise UsageError(
+            f"give exactly one of `--finetune-prompts` FILE or `--finetune-data` DIR; got {given}."
         )
-    if dtype not in DTYPES:
-        raise typer.BadParameter(f"`--dtype` must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    step_list = _steps(steps)
+    check.choice("--dtype", dtype, DTYPES)
+    step_list = check.step_list("--steps", steps)
+    check.positive("--lr", lr)
+    check.at_least("--top-k", top_k, 1)
+    check.at_least("--batch-size", batch_size, 1)
+    check.at_least("--subspace-rank", subspace_rank, 1)
+    if krylov_depth is not None and krylov_depth < max(step_list):
+        raise UsageError(
+            f"`--krylov-depth` {krylov_depth} Lanczos steps predict exactly only T <= "
+            f"{krylov_depth}, but the largest `--steps` is {max(step_list)}; use "
+            f"--krylov-depth >= {max(step_list)}."
+        )
     start = time.time()
     import torch
+
+    from bridge.curvature import HVP_METHODS
+
+    check.choice("--hvp-method", hvp_method, HVP_METHODS)
+    unet_dir = check.unet_folder("--base", base)
+    check.unlearned_weights("--unlearned", unlearned)
+    text_folder = _text_folder(Path(base), text_encoder)
+    if finetune_prompts is not None:
+        prompts = check.prompt_file("--finetune-prompts", finetune_prompts)
+    else:
+        check.caption_folder("--finetune-data", finetune_data)
+    group = check.parameter_group("--params", params, unet_dir)
+    if not 2 * top_k < group.numel:  # both ends of the spectrum, disjoint (bridge.spectra)
+        raise UsageError(
+            f"`--top-k` must satisfy 2 x top-k < n = {group.numel}, the size of `--params` "
+            f"{check.quote(params)}; got {top_k}. Use --top-k <= {(group.numel - 1) // 2} or a "
+            "larger group."
+        )
 
     from bridge.data import encode_caption_folder
     from bridge.loading import load_unet, load_unlearned_unet
@@ -132,22 +185,22 @@ def measure(
     from bridge.tiny import load_text_encoder
 
     torch_dtype = getattr(torch, dtype)
-    base_unet = load_unet(base, device=device, dtype=torch_dtype)
-    unlearned_unet = load_unlearned_unet(base_unet, unlearned, device=device, dtype=torch_dtype)
-    text_folder = _text_folder(Path(base), text_encoder)
-    text = load_text_encoder(text_folder, device=device, dtype=torch_dtype)
+    with blame("--base", base):
+        base_unet = load_unet(base, device=device, dtype=torch_dtype)
+    with blame("--unlearned", unlearned):
+        unlearned_unet = load_unlearned_unet(
+            base_unet, unlearned, device=device, dtype=torch_dtype
+        )
+    check.nonzero_displacement("--unlearned", unlearned, base_unet, unlearned_unet, params)
     latents = None
-    if finetune_prompts is not None:
-        if not finetune_prompts.is_file():
-            raise typer.BadParameter(f"--finetune-prompts file does not exist: {finetune_prompts}")
-        prompts = [ln.strip() for ln in finetune_prompts.read_text().splitlines() if ln.strip()]
-    else:
-        try:
+    if finetune_data is not None:
+        with blame("--finetune-data", finetune_data):
             latents, prompts = encode_caption_folder(
                 text_folder, finetune_data, base_unet, device=device, dtype=torch_dtype
             )
-        except ValueError as err:
-            raise typer.BadParameter(str(err)) from None
+    # Last: transformers prints a loading bar, and every input error should come before it.
+    with blame("--text-encoder", text_folder):
+        text = load_text_encoder(text_folder, device=device, dtype=torch_dtype)
     result = measure_resurgence(
         base_unet,
         unlearned_unet,
@@ -163,6 +216,7 @@ def measure(
         batch_size=batch_size,
         subspace_rank=subspace_rank,
         hvp_method=hvp_method,
+        krylov_depth=krylov_depth,
         verify=verify,
         progress=True,
     )
@@ -189,8 +243,9 @@ def measure(
             "hvp_method",
             "text_encoder",
             "verify",
+            "krylov_depth",
         }
     }
-    result.save(out, args=args, seed=seed, wall_time=time.time() - start)
+    _save(result, out, args=args, seed=seed, wall_time=time.time() - start)
     typer.echo(summary(result))
     typer.echo(f"wrote {out}/measurement.nc, manifest.json, spectrum.png")

@@ -193,6 +193,8 @@ def unlearn_command(
         )
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
+    from theory._atomic import atomic_write, atomic_write_json
+
     out.mkdir(parents=True, exist_ok=True)
     ds = report.to_xarray()
     ds.attrs.update(
@@ -205,7 +207,7 @@ def unlearn_command(
             "common_component": common_component,
         }
     )
-    ds.to_netcdf(out / "report.nc", engine="h5netcdf")
+    atomic_write(out / "report.nc", lambda tmp: ds.to_netcdf(tmp, engine="h5netcdf"))
     summary = summarize(report) | {"seed": seed, "wall_time_s": round(time.time() - start, 2)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    atomic_write_json(out / "summary.json", summary)
     typer.echo(json.dumps({k: summary[k] for k in ("method", "presence", "rho")}, indent=1))

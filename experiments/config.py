@@ -32,6 +32,8 @@ from typing import Any
 import numpy as np
 import tomllib
 
+from theory._atomic import atomic_write_text
+
 __all__ = [
     "ParamSpec",
     "PARAMS",
@@ -194,7 +196,8 @@ class SweepConfig:
         return hashlib.sha256(self.to_toml().encode()).hexdigest()[:16]
 
     def save(self, path) -> None:
-        Path(path).write_text(self.to_toml())
+        """Write :meth:`to_toml` to ``path`` atomically."""
+        atomic_write_text(path, self.to_toml())
 
 
 # ---------------------------------------------------------------- loading and validation

@@ -15,6 +15,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from theory._atomic import atomic_write_json
+
 __all__ = ["config_hash", "git_commit", "package_versions", "write_manifest", "MANIFEST_NAME"]
 
 MANIFEST_NAME = "manifest.json"
@@ -105,6 +107,4 @@ def write_manifest(folder, *, config, seeds, wall_time: float, extra: dict | Non
         "packages": package_versions(),
         **(extra or {}),
     }
-    path = folder / MANIFEST_NAME
-    path.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
-    return path
+    return atomic_write_json(folder / MANIFEST_NAME, manifest)

@@ -5,7 +5,8 @@ optimizer) and, inside a group, a flat list of configurations of the traced knob
 one ``jax.jit(jax.vmap(run_scenario))`` compiled once; the configurations go through it in
 chunks of a fixed size (the last one padded), sharded over a 1-D device mesh on the
 configuration axis. Every finished chunk is saved to ``OUT/chunks/`` before the next starts, so a
-rerun after an interruption skips it and the assembled results are identical.
+rerun after an interruption skips it and the assembled results are identical. Every file is
+written atomically (:mod:`theory._atomic`), so a chunk that exists is complete even after kill -9.
 """
 
 from __future__ import annotations
@@ -14,12 +15,15 @@ import itertools
 import os
 import shutil
 import time
+import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from experiments.config import PARAMS, ConfigError, SweepConfig
 from experiments.manifest import write_manifest
+from theory._atomic import atomic_write, remove_partial_writes
 from theory._backend import init_backend_without_lapack_deadlock
 
 __all__ = ["run_sweep", "RESULTS_NAME", "group_grid", "enable_compilation_cache"]
@@ -140,6 +144,8 @@ def _prepare_folder(out: Path, config: SweepConfig, force: bool) -> None:
         for name in (RESULTS_NAME, "manifest.json"):
             (out / name).unlink(missing_ok=True)
     (out / "chunks").mkdir(parents=True, exist_ok=True)
+    for folder in (out, out / "chunks"):  # temporaries of a killed run (never a finished file)
+        remove_partial_writes(folder)
     config.save(saved)
 
 
@@ -177,13 +183,13 @@ def run_sweep(
     chunk = min(config.chunk_size, -(-n_configs // n_dev)) * n_dev
     n_chunks = -(-n_configs // chunk)
     todo = [(g, c) for g in range(len(groups)) for c in range(n_chunks)]
-    done = sum((_chunk_path(out, g, c)).exists() for g, c in todo)
-    resumed = done
+    finished = {(g, c) for g, c in todo if _chunk_done(out, g, c)}
+    done = resumed = len(finished)
     with tqdm(
         total=len(todo), initial=done, unit="chunk", desc=config.name, disable=not progress
     ) as bar:
         for g, values in enumerate(groups):
-            missing = [c for c in range(n_chunks) if not _chunk_path(out, g, c).exists()]
+            missing = [c for c in range(n_chunks) if (g, c) not in finished]
             if not missing:
                 continue
             static = _static_for(config, static_axes, values)
@@ -201,9 +207,7 @@ def run_sweep(
                 _save_chunk(out, g, c, {k: np.asarray(v)[:keep] for k, v in result.items()})
                 bar.update(1)
     dataset = _assemble(config, out, static_axes, groups, dynamic_axes, n_chunks)
-    tmp = out / (RESULTS_NAME + ".tmp")
-    dataset.to_netcdf(tmp, engine="h5netcdf")
-    os.replace(tmp, out / RESULTS_NAME)
+    atomic_write(out / RESULTS_NAME, lambda tmp: dataset.to_netcdf(tmp, engine="h5netcdf"))
     seeds = sorted({int(s) for s in knobs["seed"]})
     write_manifest(
         out,
@@ -226,10 +230,24 @@ def _chunk_path(out: Path, group: int, chunk: int) -> Path:
 
 
 def _save_chunk(out: Path, group: int, chunk: int, arrays: dict) -> None:
+    atomic_write(_chunk_path(out, group, chunk), lambda tmp: np.savez(tmp, **arrays))
+
+
+def _chunk_done(out: Path, group: int, chunk: int) -> bool:
+    """True for a finished chunk. Atomic writes make an existing chunk complete; one damaged
+    outside this program (a copy cut short) fails to open or lacks arrays, and is recomputed."""
     path = _chunk_path(out, group, chunk)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)  # atomic: an interrupted write never looks like a finished chunk
+    if not path.is_file():
+        return False
+    try:  # opening reads the zip's central directory, stored at the end: a cut file fails here
+        with np.load(path) as chunk_file:
+            complete = set(chunk_file.files) == set(_EXTRA_DIMS)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        complete = False
+    if not complete:
+        warnings.warn(f"sweep chunk {path} is damaged; recomputing it.", stacklevel=3)
+        path.unlink()
+    return complete
 
 
 def _pad_to(array: np.ndarray, shape) -> np.ndarray:

@@ -30,6 +30,12 @@ import tomllib
 import torch
 
 from bridge.testbed.world import ConceptWorld
+from theory._atomic import (
+    atomic_write,
+    atomic_write_json,
+    atomic_write_text,
+    remove_partial_writes,
+)
 
 __all__ = ["DemoConfig", "load_demo_config", "run_demo"]
 
@@ -168,13 +174,14 @@ def run_demo(
     torch.set_num_threads(cfg.threads)
     run = Path(run)
     run.mkdir(parents=True, exist_ok=True)
+    remove_partial_writes(run)  # temporaries of a killed run (stage folders clean their own)
     saved_cfg = run / "config.json"
     if saved_cfg.is_file() and json.loads(saved_cfg.read_text()) != cfg.to_dict():
         raise ValueError(
             f"run folder {run} holds a run with another config ({saved_cfg}); "
             "use a new --out folder or delete it."
         )
-    saved_cfg.write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
+    atomic_write_json(saved_cfg, cfg.to_dict())
     st = Stages(cfg, run, progress)
     pipe = st.base()
     base, text, scheduler = pipe.unet, pipe.text_encoder, pipe.scheduler
@@ -196,7 +203,7 @@ def run_demo(
         if method not in stage_presence:
             log(f"presence after unlearning ({method})")
             stage_presence[method] = presence(unet)
-        pres_path.write_text(json.dumps(stage_presence, indent=2, sort_keys=True) + "\n")
+        atomic_write_json(pres_path, stage_presence)
         batches = finetune_probe_batches(
             text,
             captions,
@@ -219,11 +226,8 @@ def run_demo(
                 seed=cfg.seed,
             )
             st.timings[f"predict_{method}_s"] = time.time() - t0
-            pred_path.parent.mkdir(parents=True, exist_ok=True)
-            pred_path.write_text(
-                json.dumps({k: np.asarray(v).tolist() for k, v in pred._asdict().items()}, indent=2)
-                + "\n"
-            )
+            arrays = {k: np.asarray(v).tolist() for k, v in pred._asdict().items()}
+            atomic_write_text(pred_path, json.dumps(arrays, indent=2) + "\n")
         pred = json.loads(pred_path.read_text())
         gd = {}
         for k, lr in enumerate(pred["lrs"]):
@@ -247,8 +251,9 @@ def run_demo(
     summary = summarise(cfg, results, stage_presence, accuracy, steps)
     summary["timings_s"] = {k: round(v, 2) for k, v in st.timings.items()}
     summary["wall_time_s"] = round(time.time() - t_start, 2)
-    (run / "results.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
-    to_xarray(cfg, results, steps, summary).to_netcdf(run / "results.nc", engine="h5netcdf")
+    atomic_write_json(run / "results.json", summary)
+    dataset = to_xarray(cfg, results, steps, summary)
+    atomic_write(run / "results.nc", lambda tmp: dataset.to_netcdf(tmp, engine="h5netcdf"))
     write_manifest(
         run,
         config=cfg.to_dict(),

@@ -1,4 +1,8 @@
-"""Stages of the testbed demo, each cached on disk (a rerun loads instead of recomputing)."""
+"""Stages of the testbed demo, each cached on disk (a rerun loads instead of recomputing).
+
+A stage counts as done when its last file exists; every file is written atomically
+(:mod:`theory._atomic`) and that marker last, so a killed run never leaves a stage that looks done.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from theory._atomic import atomic_directory, atomic_write, atomic_write_json
 
 __all__ = ["Stages", "adamw_history", "gd_history", "log"]
 
@@ -54,7 +60,7 @@ class Stages:
                 progress=self.progress,
             )
             self.timings["pretrain_s"] = time.time() - t0
-            (folder / "done.json").write_text(json.dumps({"wall_s": self.timings["pretrain_s"]}))
+            atomic_write_json(folder / "done.json", {"wall_s": self.timings["pretrain_s"]})
         return load_tiny_pipeline(folder)
 
     # ---- stage 2: classifier -----------------------------------------------------------
@@ -66,12 +72,10 @@ class Stages:
             log("training the concept classifier")
             t0 = time.time()
             rep = train_classifier(self.world, steps=self.cfg.classifier_steps, seed=self.cfg.seed)
-            torch.save(rep.model.state_dict(), path)
+            atomic_write(path, lambda tmp: torch.save(rep.model.state_dict(), tmp))
             self.timings["classifier_s"] = time.time() - t0
-            meta.write_text(
-                json.dumps(
-                    {"heldout_accuracy": rep.heldout_accuracy, "steps": rep.train_steps}, indent=2
-                )
+            atomic_write_json(
+                meta, {"heldout_accuracy": rep.heldout_accuracy, "steps": rep.train_steps}
             )
         model = ConceptClassifier(len(self.world.concepts))
         model.load_state_dict(torch.load(path, weights_only=True))
@@ -251,7 +255,7 @@ def adamw_history(
         seed=cfg.seed,
     )
     folder = st.run / "adamw" / method
-    if _done(folder / "history.json"):
+    if _done(folder / "history.json") and (folder / "unet").is_dir():  # unet/: written last
         return json.loads((folder / "history.json").read_text())
     log(f"AdamW fine-tuning of the whole UNet ({method})")
     t0 = time.time()
@@ -266,6 +270,7 @@ def adamw_history(
         out_dir=folder,
         progress=st.progress,
     )
-    res.unet.save_pretrained(folder / "unet")
+    with atomic_directory(folder / "unet") as tmp:
+        res.unet.save_pretrained(tmp)
     st.timings[f"adamw_{method}_s"] = time.time() - t0
     return res.history

@@ -1,4 +1,7 @@
-"""`resurgence bridge measure` end to end on a tiny pipeline saved to disk."""
+"""`resurgence bridge measure` end to end on a tiny pipeline saved to disk.
+
+Its bad inputs (one line on stderr, exit code 2) are tested in ``test_cli_errors.py``.
+"""
 
 from __future__ import annotations
 
@@ -87,52 +90,6 @@ def test_measure_writes_results_and_first_step_is_exact(folders, tmp_path):
     assert "predicted_rho" in result.output
 
 
-def test_measure_bad_inputs(folders, tmp_path):
-    base = [
-        "--base",
-        str(folders / "base"),
-        "--unlearned",
-        str(folders / "uce.safetensors"),
-        "--forget-prompt",
-        "van gogh",
-        "--out",
-        str(tmp_path / "o"),
-    ]
-    result = _run(base)
-    assert result.exit_code != 0
-    flat = re.sub(r"[\s│╭╮╰╯─]+", " ", result.output)  # undo rich's boxed line wrapping
-    assert "give exactly one of --finetune-prompts FILE or --finetune-data DIR" in flat
-    result = _run(
-        [
-            *base,
-            "--finetune-prompts",
-            str(folders / "prompts.txt"),
-            "--params",
-            GROUP,
-            "--top-k",
-            "300",
-        ]
-    )
-    assert isinstance(result.exception, ValueError)
-    assert re.search(
-        r"`k`=300 eigenpairs requested but the parameter group has n=256", str(result.exception)
-    )
-    result = _run([*base, "--finetune-prompts", str(folders / "prompts.txt"), "--params", "qkv"])
-    assert isinstance(result.exception, ValueError)
-    assert "available presets: cross-attn-kv, cross-attn, attn, all" in str(result.exception)
-    result = _run(
-        [
-            "--base",
-            str(tmp_path / "missing"),
-            *base[2:],
-            "--finetune-prompts",
-            str(folders / "prompts.txt"),
-        ]
-    )
-    assert isinstance(result.exception, FileNotFoundError)
-    assert f"UNet path does not exist: {tmp_path / 'missing'}" in str(result.exception)
-
-
 def test_measure_on_captioned_images_without_vae(folders, tmp_path):
     from bridge.data import save_caption_folder
     from bridge.tiny import (
@@ -180,9 +137,12 @@ def test_measure_on_captioned_images_without_vae(folders, tmp_path):
     assert ds.attrs["finetune_target"] == "data (eps)"
     assert np.isfinite(ds["predicted_rho"].values).all()
     result = _run(["--base", str(folders / "base"), *args])  # 4-channel UNet, RGB images
-    flat = re.sub(r"[\s│╭╮╰╯─]+", " ", result.output)
-    assert result.exit_code != 0
-    assert (
-        "images are used directly as latents, but they have 3 channels and the UNet expects 4"
-        in flat
-    )
+    assert result.exit_code == 2 and result.stdout == ""
+    assert re.fullmatch(
+        re.escape(
+            f"Error: `--finetune-data` '{tmp_path / 'data'}': {folders / 'base'} has no vae/, so "
+            "images are used directly as latents, but they have 3 channels and the UNet expects 4"
+        )
+        + "\n",
+        result.stderr,
+    ), result.stderr

@@ -82,8 +82,15 @@ def test_unlearn_and_finetune_commands(tiny_folder, tmp_path, world):
     bad = tmp_path / "bad"
     save_caption_folder(torch.zeros(1, 3, 4, 4), ["a red square"], bad)
     res = runner.invoke(app, [*args[:7], str(bad), *args[8:11], str(tmp_path / "ft2"), *args[12:]])
-    assert res.exit_code != 0
-    assert re.search(re.escape("image 00000.png has size 4x4, expected 8x8"), str(res.exception))
+    assert res.exit_code == 2 and res.stdout == "" and not (tmp_path / "ft2").exists()
+    assert re.fullmatch(
+        re.escape(
+            f"Error: `--data` '{bad}': image 00000.png has size 4x4, expected 8x8 "
+            "(pass resize=True to resize)"
+        )
+        + "\n",
+        res.stderr,
+    ), res.stderr
 
 
 def test_unlearned_checkpoint_from_another_base_is_refused(world_model, tmp_path):
