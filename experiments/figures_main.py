@@ -27,6 +27,7 @@ FIGURE_MODULES = (
     "experiments.figures.fig_presence",
     "experiments.figures.fig_spectrum",
     "experiments.figures.fig_knobs",
+    "experiments.figures.fig_readouts",
 )
 
 

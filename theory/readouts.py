@@ -48,10 +48,13 @@ class Readouts(NamedTuple):
     gradient: dict[str, jax.Array]
 
 
-def readouts(problem: LinearDiffusionProblem, theta_0, theta_u, forget: int) -> Readouts:
+def readouts(
+    problem: LinearDiffusionProblem, theta_0, theta_u, forget: int, *, check: bool = True
+) -> Readouts:
     """Exact readout functions and their gradients at theta_u for erased concept ``forget``.
 
-    The forget data are x_0 ~ N(A c_f, Sigma) under the prompt c_f (no null drop).
+    The forget data are x_0 ~ N(A c_f, Sigma) under the prompt c_f (no null drop). ``check=False``
+    skips the eager normaliser check so that the function can be traced (``jit``/``vmap``).
 
     Raises:
       ValueError: theta_u equal to theta_0 on some readout's normaliser (nothing was unlearned).
@@ -76,7 +79,7 @@ def readouts(problem: LinearDiffusionProblem, theta_0, theta_u, forget: int) -> 
 
     mu_u, mu_0 = mean_for_prompt(theta_u), mean_for_prompt(theta_0)
     shift_norm = (mu_0 - mu_u) @ sigma_inv @ (mu_0 - mu_u)
-    for name, norm in (
+    for name, norm in () if not check else (
         ("rho", jnp.sum(delta**2)),
         ("output_rho", output_norm),
         ("forget_loss_recovery", loss_gap),
