@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from bridge.curvature import HessianOperator
+from bridge.curvature import HessianOperator, HvpMethod
 from bridge.loss import FrozenDiffusionLoss
 
 __all__ = ["distributed_hessian", "init_distributed", "shard_indices"]
@@ -61,13 +61,25 @@ def _all_reduce_sum(tensor: torch.Tensor) -> None:
 
 
 def distributed_hessian(
-    loss: FrozenDiffusionLoss, theta: torch.Tensor | None = None, **kwargs
+    loss: FrozenDiffusionLoss,
+    theta: torch.Tensor | None = None,
+    *,
+    method: HvpMethod = "graph-reuse",
+    fd_step: float | None = None,
+    graph_memory_limit: float | None = None,
+    check_deterministic: bool = True,
+    progress: bool = False,
 ) -> HessianOperator:
     """A :class:`HessianOperator` over this process's batches whose products are all-reduced.
 
+    Under ``graph-reuse`` each process retains the first-order graphs of its own batches only,
+    so the graph memory per process falls with the number of processes.
+
     Args:
       loss: the same frozen loss on every process (same seed -> same batches).
-      theta: flat parameters ``(n,)``. **kwargs: other :class:`HessianOperator` arguments.
+      theta: flat parameters ``(n,)``.
+      method, fd_step, graph_memory_limit, check_deterministic, progress: as for
+        :class:`HessianOperator`.
 
     Returns:
       The operator; ``op @ v`` and ``op.gradient()`` equal the single-process results.
@@ -81,4 +93,14 @@ def distributed_hessian(
             "init_distributed() inside torchrun / accelerate launch"
         )
     indices = shard_indices(len(loss.batches), dist.get_rank(), dist.get_world_size())
-    return HessianOperator(loss, theta, batch_indices=indices, all_reduce=_all_reduce_sum, **kwargs)
+    return HessianOperator(
+        loss,
+        theta,
+        method=method,
+        fd_step=fd_step,
+        graph_memory_limit=graph_memory_limit,
+        check_deterministic=check_deterministic,
+        batch_indices=indices,
+        all_reduce=_all_reduce_sum,
+        progress=progress,
+    )

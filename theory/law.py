@@ -63,14 +63,13 @@ def gd_amplification(eigenvalues, lr, steps):
     t = steps.reshape(steps.shape + (1,) * lam.ndim).astype(lam.dtype)
     x = jnp.asarray(lr, lam.dtype) * lam
     odd = jnp.mod(steps.reshape(t.shape), 2) == 1
-    positive_base = x < 1.0
-    # log|1 - x|: log1p(-x) for x < 1, log1p(x - 2) for x >= 1 (x - 2 is exact there: Sterbenz).
-    log_abs_base = jnp.where(
-        positive_base, jnp.log1p(-jnp.minimum(x, 1.0)), jnp.log1p(jnp.maximum(x, 1.0) - 2.0)
-    )
-    # 1 - (1 - x)^T without cancellation: -expm1(T log|base|) unless the sign flips (odd T, x > 1).
-    flips = (~positive_base) & odd
-    one_minus_power = jnp.where(flips, 1.0 + jnp.exp(t * log_abs_base), -jnp.expm1(t * log_abs_base))
+    # log|1 - x| with one log1p: of -x for x < 1, of x - 2 for x >= 1 (exact there: Sterbenz).
+    flips = (x >= 1.0) & odd  # (1 - x)^T < 0: odd T and a negative base
+    log_abs_base = jnp.log1p(jnp.where(x < 1.0, -x, x - 2.0))
+    # 1 - (1 - x)^T without cancellation, from one expm1: -expm1(y), or 1 + e^y = 2 + expm1(y)
+    # when the sign flips (no cancellation there: both terms are positive).
+    e = jnp.expm1(t * log_abs_base)
+    one_minus_power = jnp.where(flips, 2.0 + e, -e)
     # x == 1: the base is exactly 0, so (1 - x)^T = 0 for T >= 1 (log1p(-1) = -inf gives that too,
     # but 0 * -inf at T = 0 would be NaN).
     one_minus_power = jnp.where(t == 0, 0.0, one_minus_power)
