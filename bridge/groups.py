@@ -2,7 +2,9 @@
 
 A group is the set of parameters that curvature and subspaces are measured over (the block of
 theta the theory calls V when it is the cross-attention K/V). Presets mirror what unlearning
-methods edit: UCE/MACE/ESD-x touch ``attn2.to_k``/``attn2.to_v``; ESD-u everything.
+methods edit (the ``group`` column of :data:`bridge.unlearning.names.METHOD_TABLE`): UCE/MACE
+``cross-attn-kv``, UCE-V ``cross-attn-v``, ESD-x/SDD ``cross-attn``, ESD-u ``non-cross-attn``
+(everything but ``attn2``, the time embedding and ``conv_out``), SalUn/SHS/EraseDiff ``all``.
 """
 
 from __future__ import annotations
@@ -17,9 +19,12 @@ __all__ = ["PRESETS", "ParameterGroup", "select_group"]
 #: Preset name -> regular expression over ``named_parameters()`` names.
 PRESETS: dict[str, str] = {
     "cross-attn-kv": r"attn2\.to_[kv]\.",
+    "cross-attn-v": r"attn2\.to_v\.",
     "cross-attn": r"attn2\.",
     "attn": r"\.attn[12]\.",
     "all": r".*",
+    # ESD-u's "noxattn" set; a lookahead anchored at the start (select_group uses re.search)
+    "non-cross-attn": r"^(?!.*attn2)(?!.*time_emb)(?!conv_out)",
 }
 
 

@@ -8,6 +8,15 @@ three forms, all accepted by :func:`load_unlearned_unet`:
 * a full state dict (``.safetensors`` / ``.pt`` / ``.bin``, e.g. ESD's checkpoints),
 * a partial state dict holding only the edited tensors (UCE / MACE cross-attention edits),
   applied on a copy of the base.
+
+The key layout is detected from the keys: diffusers names (``down_blocks.0...``), optionally
+behind a ``unet.``/``module.``/``model.`` prefix, or the original CompVis / LDM layout
+(``model.diffusion_model.input_blocks...``, as ESD, SalUn, Scissorhands and EraseDiff release
+their weights), converted with diffusers' own single-file conversion
+(``convert_ldm_unet_checkpoint``) against the base UNet's config, so nothing is downloaded.
+Lightning ``.ckpt`` files are read with ``torch.load(weights_only=True)``: the training metadata
+they pickle (callbacks, OmegaConf configs, NumPy scalars) is an allow-list of names replaced by
+inert stand-ins; any other pickled object is refused with a message naming it.
 """
 
 from __future__ import annotations
@@ -18,7 +27,23 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["load_state_dict_file", "load_unet", "load_unlearned_unet", "apply_state_dict"]
+from bridge.checkpoints import (
+    LIGHTNING_METADATA,
+    checkpoint_layout,
+    convert_ldm_unet,
+    torch_load,
+)
+
+__all__ = [
+    "LIGHTNING_METADATA",
+    "apply_state_dict",
+    "checkpoint_layout",
+    "convert_ldm_unet",
+    "load_state_dict_file",
+    "load_unet",
+    "load_unet_weights",
+    "load_unlearned_unet",
+]
 
 _WEIGHT_FILES = (
     "diffusion_pytorch_model.safetensors",
@@ -101,7 +126,7 @@ def load_state_dict_file(path) -> dict[str, torch.Tensor]:
             f"unknown state dict format {path.suffix!r} for {path}; "
             f"expected one of {', '.join(_STATE_DICT_SUFFIXES)}"
         )
-    sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    sd = torch_load(path)
     for key in ("state_dict", "unet", "model"):
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]
@@ -125,7 +150,7 @@ def apply_state_dict(unet, state_dict: dict[str, torch.Tensor], *, partial: bool
 
     Args:
       unet: base ``UNet2DConditionModel`` (not modified).
-      state_dict: name -> tensor; with ``partial`` only these tensors change.
+      state_dict: name -> tensor (diffusers or LDM layout); with ``partial`` only these change.
       partial: if False, every parameter of ``unet`` must be present.
 
     Returns:
@@ -136,6 +161,8 @@ def apply_state_dict(unet, state_dict: dict[str, torch.Tensor], *, partial: bool
         first missing tensor when ``partial=False``.
     """
     own = dict(unet.state_dict())
+    if checkpoint_layout(state_dict) == "ldm":
+        state_dict = convert_ldm_unet(dict(state_dict), unet.config)
     state_dict = _strip_prefix(dict(state_dict), set(own))
     for name, tensor in state_dict.items():
         if name not in own:
@@ -161,6 +188,73 @@ def apply_state_dict(unet, state_dict: dict[str, torch.Tensor], *, partial: bool
             target = _lookup(edited, name)
             target.copy_(tensor.to(device=ref.device, dtype=target.dtype))
     return edited.eval()
+
+
+def load_unet_weights(
+    path, *, config=None, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+):
+    """A ``UNet2DConditionModel`` from one full state-dict file (diffusers or CompVis/LDM layout).
+
+    Args:
+      path: ``.safetensors`` / ``.ckpt`` / ``.pt`` / ``.bin`` with every UNet tensor (an LDM file
+        may hold the whole LatentDiffusion; only its UNet is read).
+      config: the UNet config: a dict, a UNet folder or a pipeline folder with ``unet/``
+        (e.g. the base model's); required, since a single file does not say its block structure.
+      device, dtype: placement of the result.
+
+    Returns:
+      The UNet in eval mode.
+
+    Raises:
+      FileNotFoundError: a missing file or config folder.
+      ValueError: no ``config`` (naming the layout found), or a tensor whose name or shape differs
+        from the config's UNet (the first one named).
+    """
+    from diffusers import UNet2DConditionModel
+
+    state = load_state_dict_file(path)
+    layout = checkpoint_layout(state)
+    if config is None:
+        raise ValueError(
+            f"{path} is a single {'CompVis/LDM' if layout == 'ldm' else 'diffusers'} weights file "
+            "without a UNet config; give the base pipeline folder whose unet/config.json "
+            "describes it"
+        )
+    if isinstance(config, (str, Path)):
+        config = UNet2DConditionModel.load_config(str(_unet_folder_config(Path(config))))
+    with torch.device("meta"):  # names and shapes only; the file's tensors are assigned below
+        unet = UNet2DConditionModel.from_config(config)
+    own = unet.state_dict()
+    if layout == "ldm":
+        state = convert_ldm_unet(state, unet.config)
+    state = _strip_prefix(dict(state), set(own))
+    for name, tensor in state.items():
+        if name not in own or tuple(tensor.shape) != tuple(own[name].shape):
+            where = (
+                "does not exist"
+                if name not in own
+                else (
+                    f"has shape {tuple(tensor.shape)} there but {tuple(own[name].shape)} in the config"
+                )
+            )
+            raise ValueError(f"architecture mismatch with {path}: tensor {name!r} {where}")
+    missing = [n for n in own if n not in state]
+    if missing:
+        raise ValueError(
+            f"architecture mismatch with {path}: tensor {missing[0]!r} of the config's UNet is "
+            f"missing from the file (and {len(missing) - 1} more)"
+        )
+    unet.load_state_dict(state, strict=True, assign=True)
+    return unet.to(device=device, dtype=dtype).eval()
+
+
+def _unet_folder_config(path: Path) -> Path:
+    """The folder holding ``config.json`` of a UNet (``path`` or ``path/unet``)."""
+    if (path / "unet" / "config.json").is_file() and not (path / "config.json").is_file():
+        path = path / "unet"
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"missing UNet config: no config.json in {path} (or {path}/unet)")
+    return path
 
 
 def _lookup(module, name: str) -> torch.Tensor:

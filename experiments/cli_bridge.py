@@ -8,13 +8,14 @@ from __future__ import annotations
 import typer
 
 from experiments.cli_bridge_measure import measure
-from experiments.cli_bridge_testbed import demo, finetune, unlearn
+from experiments.cli_bridge_testbed import demo, finetune
+from experiments.cli_bridge_unlearn import unlearn
 
 bridge_app = typer.Typer(
     help="Real diffusers UNets: measure curvature/subspaces, unlearn, fine-tune, demo.",
     no_args_is_help=True,
 )
 bridge_app.command("measure")(measure)  # curvature and subspaces -> predicted rho
-bridge_app.command("unlearn")(unlearn)  # UCE / ESD on a UNet folder
+bridge_app.command("unlearn")(unlearn)  # the seven methods (bridge.unlearning) on a UNet folder
 bridge_app.command("finetune")(finetune)  # benign fine-tuning with resurgence tracking
 bridge_app.command("demo")(demo)  # the tiny CPU testbed end to end

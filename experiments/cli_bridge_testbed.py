@@ -1,10 +1,11 @@
-"""`resurgence bridge unlearn | finetune | demo`: unlearning, tracked fine-tuning, the CPU testbed.
+"""`resurgence bridge finetune | demo`: tracked fine-tuning and the CPU testbed (unlearn: cli_bridge_unlearn).
 
 torch/diffusers are imported inside the commands so that `resurgence --help` stays fast.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -12,101 +13,20 @@ from typing import Annotated
 
 import typer
 
-UNLEARN_METHODS = ("uce", "uce-v", "esd-x", "esd-u")
+from experiments import _validate as check
+from experiments._validate import blame, one_line_errors
 
 
-def unlearn(
-    base: Annotated[
-        Path,
-        typer.Option(
-            "--base",
-            help="Base SD/tiny pipeline folder (local: unet/ text_encoder/ tokenizer/ scheduler/).",
-        ),
-    ],
-    erase: Annotated[
-        list[str], typer.Option("--erase", help="Prompt to erase (repeat for several concepts).")
-    ],
-    method: Annotated[
-        str, typer.Option("--method", help=f"One of {', '.join(UNLEARN_METHODS)}.")
-    ] = "uce",
-    anchor: Annotated[
-        list[str] | None,
-        typer.Option("--anchor", help="UCE anchor per erased prompt (default: the empty prompt)."),
-    ] = None,
-    preserve: Annotated[
-        list[str] | None, typer.Option("--preserve", help="UCE prompt to preserve (repeatable).")
-    ] = None,
-    lam: Annotated[float, typer.Option("--lam", help="UCE ridge strength lambda.")] = 0.1,
-    from_token: Annotated[
-        str,
-        typer.Option(
-            "--from-token", help="UCE token tail: 'last' word (published) or 'first' word on."
-        ),
-    ] = "last",
-    steps: Annotated[int, typer.Option("--steps", help="ESD optimizer steps.")] = 200,
-    lr: Annotated[float, typer.Option("--lr", help="ESD Adam learning rate.")] = 1e-05,
-    guidance: Annotated[float, typer.Option("--guidance", help="ESD negative guidance g.")] = 1.0,
-    out: Annotated[
-        Path, typer.Option("--out", help="Output pipeline folder (+ manifest.json).")
-    ] = Path("runs/bridge_unlearn"),
-    seed: Annotated[int, typer.Option("--seed", help="ESD seed.")] = 0,
-    device: Annotated[str, typer.Option("--device", help="torch device (cpu, cuda).")] = "cpu",
-) -> None:
-    """Unlearn concepts from a local pipeline: UCE (closed form) or ESD-x / ESD-u (fine-tuning)."""
-    from bridge.tiny import load_tiny_pipeline
-    from bridge.unlearn import apply_uce, esd, uce_token_embeddings
-    from bridge.unlearn_io import save_unlearned
+def _scheduler(folder: Path):
+    """The training scheduler saved in ``folder/scheduler/`` (its class named in the config)."""
+    import diffusers
 
-    if method not in UNLEARN_METHODS:
-        raise typer.BadParameter(
-            f"`--method` must be one of {', '.join(UNLEARN_METHODS)}, got {method!r}"
-        )
-    t0 = time.time()
-    pipe = load_tiny_pipeline(base, device=device)
-    if pipe.text_encoder is None:
-        raise typer.BadParameter(
-            f"{base} has no text_encoder/: unlearning needs the prompts' embeddings"
-        )
-    if method.startswith("uce"):
-        args = {
-            "erase": erase,
-            "anchors": anchor or None,
-            "preserve": list(preserve or []),
-            "lam": lam,
-            "edit": "kv" if method == "uce" else "v",
-            "from_token": from_token,
-        }
-        concepts = uce_token_embeddings(
-            pipe.text_encoder, erase, args["anchors"], args["preserve"], from_token=from_token
-        )
-        unet = apply_uce(pipe.unet, concepts, edit=args["edit"], lam=lam)
-        used_seed = None
-    else:
-        args = {
-            "concepts": erase,
-            "variant": method[-1],
-            "steps": steps,
-            "lr": lr,
-            "guidance": guidance,
-        }
-        unet = esd(
-            pipe.unet,
-            pipe.text_encoder,
-            pipe.scheduler,
-            erase,
-            variant=method[-1],
-            steps=steps,
-            lr=lr,
-            guidance=guidance,
-            seed=seed,
-        )
-        used_seed = seed
-    save_unlearned(
-        unet, out, method=method, args=args, seed=used_seed, base_unet=pipe.unet, base_folder=base
-    )
-    typer.echo(f"{method}: erased {erase} in {time.time() - t0:.1f} s -> {out}")
+    sched_dir = folder / "scheduler"
+    name = json.loads((sched_dir / "scheduler_config.json").read_text())["_class_name"]
+    return getattr(diffusers, name).from_pretrained(str(sched_dir))
 
 
+@one_line_errors
 def finetune(
     base: Annotated[Path, typer.Option("--base", help="Base pipeline folder (theta_0).")],
     unlearned: Annotated[
@@ -156,25 +76,84 @@ def finetune(
     device: Annotated[str, typer.Option("--device", help="torch device.")] = "cpu",
 ) -> None:
     """Fine-tune an unlearned UNet on a captioned image folder, tracking rho, forget-loss recovery
-    and (with --clip-weights) CLIP-score presence of the erased prompts."""
+    and (with --clip-weights) CLIP-score presence of the erased prompts.
+
+    Every argument is checked before any weights load; a bad one exits with code 2 and one line."""
+    check.at_least("--steps", steps, 0)
+    check.positive("--lr", lr)
+    for option, value in (
+        ("--lora-rank", lora_rank),
+        ("--batch-size", batch_size),
+        ("--track-every", track_every),
+        ("--presence-seeds", presence_seeds),
+    ):
+        check.at_least(option, value, 1)
     import torch
 
+    from bridge.finetune import OPTIMIZERS, FinetuneConfig, FinetuneData
+
+    check.choice("--optimizer", optimizer, OPTIMIZERS)
+    cfg = FinetuneConfig(  # its own checks cannot fail after the ones above
+        steps=steps,
+        lr=lr,
+        optimizer=optimizer,
+        trainable=trainable,
+        lora_rank=lora_rank,
+        batch_size=batch_size,
+        track_every=track_every,
+        checkpoint_every=track_every,
+        seed=seed,
+    )
+    unet_dir = check.unet_folder("--base", base)
+    check.pipeline_parts(
+        "--base",
+        base,
+        {"text_encoder": "config.json", "tokenizer": None, "scheduler": "scheduler_config.json"},
+    )
+    check.unlearned_weights("--unlearned", unlearned)
+    check.caption_folder("--data", data)
+    check.parameter_group("--trainable", trainable, unet_dir, extra=("lora",))
+    if clip_weights is not None and not clip_weights.is_file():
+        raise check.UsageError(
+            f"`--clip-weights` {check.quote(clip_weights)} is not a file; give the local open_clip "
+            "checkpoint (nothing is downloaded), or leave it out to skip CLIP presence."
+        )
+
     from bridge.data import encode_caption_folder, load_caption_folder
-    from bridge.finetune import FinetuneConfig, FinetuneData
     from bridge.finetune import finetune as run_finetune
+    from bridge.loading import load_unet
     from bridge.loss import make_probe_batches, teacher_targets
-    from bridge.tiny import load_tiny_pipeline
+    from bridge.tiny import TinyPipeline, load_text_encoder
     from bridge.unlearn_io import load_unlearned, write_json
 
     t0 = time.time()
-    pipe = load_tiny_pipeline(base, device=device)
-    theta_u = load_unlearned(pipe.unet, unlearned).to(device)
-    dtype = next(pipe.unet.parameters()).dtype
-    if (base / "vae").is_dir():  # real SD: VAE-encode (resized to the model's resolution)
-        latents, captions = encode_caption_folder(base, data, pipe.unet, device=device, dtype=dtype)
-    else:  # pixel-space testbed: strict size/mode checks, no silent resizing
-        found = load_caption_folder(data, size=pipe.unet.config.sample_size)
-        latents, captions = found.images.to(device, dtype), found.captions
+    with blame("--base", base):
+        base_unet = load_unet(base, device=device)
+    with blame("--unlearned", unlearned):
+        theta_u = load_unlearned(base_unet, unlearned).to(device)
+    check.nonzero_displacement("--unlearned", unlearned, base_unet, theta_u, cfg.measured_group)
+    dtype = next(base_unet.parameters()).dtype
+    with blame("--data", data):
+        if (base / "vae").is_dir():  # real SD: VAE-encode (resized to the model's resolution)
+            latents, captions = encode_caption_folder(
+                base, data, base_unet, device=device, dtype=dtype
+            )
+        else:  # pixel-space testbed: strict size/mode checks, no silent resizing
+            found = load_caption_folder(data, size=base_unet.config.sample_size)
+            latents, captions = found.images.to(device, dtype), found.captions
+            if latents.shape[1] != base_unet.config.in_channels:
+                raise ValueError(
+                    f"{base} has no vae/, so images are the UNet's inputs, but they have "
+                    f"{latents.shape[1]} channels and the UNet expects "
+                    f"{base_unet.config.in_channels}"
+                )
+    # Last: transformers prints a loading bar, and every input error should come before it.
+    with blame("--base", base):
+        pipe = TinyPipeline(
+            unet=base_unet,
+            text_encoder=load_text_encoder(base, device=device),
+            scheduler=_scheduler(base),
+        )
     text = pipe.text_encoder
     embeds, null = text.encode_prompts(captions), text.encode_prompts([""])
     # forget loss: the base model's own predictions on the erased prompts (teacher target)
@@ -191,24 +170,11 @@ def finetune(
     if clip_weights is not None:
         from bridge.presence import ClipScorer, clip_presence_hook
 
+        with blame("--clip-weights", clip_weights):
+            scorer = ClipScorer.from_file(clip_weights, clip_arch)
         presence = clip_presence_hook(
-            base,
-            pipe,
-            ClipScorer.from_file(clip_weights, clip_arch),
-            list(forget_prompt),
-            list(range(presence_seeds)),
+            base, pipe, scorer, list(forget_prompt), list(range(presence_seeds))
         )
-    cfg = FinetuneConfig(
-        steps=steps,
-        lr=lr,
-        optimizer=optimizer,
-        trainable=trainable,
-        lora_rank=lora_rank,
-        batch_size=batch_size,
-        track_every=track_every,
-        checkpoint_every=track_every,
-        seed=seed,
-    )
     res = run_finetune(
         theta_u,
         FinetuneData(latents, embeds, null),
@@ -239,6 +205,7 @@ def finetune(
     typer.echo(json.dumps(last, indent=1))
 
 
+@one_line_errors
 def demo(
     config: Annotated[
         Path | None,
@@ -261,24 +228,41 @@ def demo(
     seed: Annotated[int | None, typer.Option("--seed", help="Seed (overrides the config).")] = None,
 ) -> None:
     """The tiny CPU testbed end to end: pretrain, unlearn, predict, fine-tune, measure, figures."""
-    from bridge.testbed.demo import load_demo_config, run_demo
+    from bridge.testbed.demo import DemoConfig, load_demo_config, run_demo
 
     path = config or Path(__file__).resolve().parent / "configs" / "bridge_testbed.toml"
+    if not path.is_file():
+        raise check.UsageError(
+            f"`--config` {check.quote(path)} is not a file; give a TOML file of flat keys, or "
+            "leave it out for experiments/configs/bridge_testbed.toml."
+        )
+    with blame("--config", path):  # the file alone first, so each error names its source
+        load_demo_config(path, [])
+    known = sorted(f.name for f in dataclasses.fields(DemoConfig))  # what load_demo_config reads
+    for item in set_ or []:
+        key = item.split("=", 1)[0].strip()
+        if "=" not in item or key not in known:
+            raise check.UsageError(
+                f"`--set` {check.quote(item)} must be KEY=VALUE with KEY one of {', '.join(known)} "
+                "(VALUE in TOML syntax, e.g. --set seed=1)."
+            )
     overrides = list(set_ or []) + ([f"seed={seed}"] if seed is not None else [])
-    try:
+    with blame("--set", " ".join(set_ or [])):
         cfg = load_demo_config(path, overrides)
-    except ValueError as err:
-        raise typer.BadParameter(str(err)) from err
     summary = run_demo(cfg, out, figures=figures)
     brief = {
-        m: {k: v for k, v in s.items() if not k.endswith("history") and k != "eigenvalues"}
+        m: {k: v for k, v in s.items() if not k.endswith("history") and k != "prediction"}
         for m, s in summary["methods"].items()
+    }
+    headline = {  # predicted vs measured, per readout: pooled Spearman and median |error|
+        name: {k: stats["pooled"][k] for k in ("spearman", "median_abs_error")}
+        for name, stats in summary["metrics"].items()
     }
     typer.echo(
         json.dumps(
             {
                 "classifier_heldout_accuracy": summary["classifier_heldout_accuracy"],
-                "rho_correlation": summary["rho_correlation"],
+                "predicted_vs_measured": headline,
                 "methods": brief,
                 "wall_time_s": summary["wall_time_s"],
             },

@@ -153,3 +153,20 @@ def test_groups_presets_and_empty_group(saved):
         select_group(base, "attn3")
     with pytest.raises(ValueError, match=re.escape(f"expected ({kv.numel},)")):
         kv.unflatten(flat[:-1])
+
+
+def test_method_group_presets_cover_what_the_methods_edit(saved):
+    from bridge.unlearning.masks import PARAMETER_SETS
+
+    _, base, _ = saved
+    names = [n for n, _ in base.named_parameters()]
+    # ESD-u's "noxattn" set, and UCE-V's V projections, as bridge.groups presets
+    assert select_group(base, "non-cross-attn").names == tuple(
+        n for n in names if PARAMETER_SETS["noxattn"](n)
+    )
+    assert select_group(base, "cross-attn-v").names == tuple(
+        n for n in names if PARAMETER_SETS["v"](n)
+    )
+    assert not set(select_group(base, "non-cross-attn").names) & set(
+        select_group(base, "cross-attn").names
+    )
