@@ -28,6 +28,7 @@ FIGURE_MODULES = (
     "experiments.figures.fig_spectrum",
     "experiments.figures.fig_knobs",
     "experiments.figures.fig_readouts",
+    "experiments.figures.fig_guard",
 )
 
 
