@@ -8,6 +8,7 @@ from __future__ import annotations
 import typer
 
 from experiments.cli_bridge_measure import measure
+from experiments.cli_bridge_realworld import realworld_app
 from experiments.cli_bridge_testbed import demo, finetune
 from experiments.cli_bridge_unlearn import unlearn
 
@@ -19,3 +20,4 @@ bridge_app.command("measure")(measure)  # curvature and subspaces -> predicted r
 bridge_app.command("unlearn")(unlearn)  # the seven methods (bridge.unlearning) on a UNet folder
 bridge_app.command("finetune")(finetune)  # benign fine-tuning with resurgence tracking
 bridge_app.command("demo")(demo)  # the tiny CPU testbed end to end
+bridge_app.add_typer(realworld_app, name="realworld")  # the real-image testbed (OpenMoji, MiniLM)
