@@ -18,5 +18,12 @@ __all__ = [
     "spectra",
     "parallel",
     "subspaces",
+    "probes",
+    "sampler",
+    "readouts",
+    "hygiene",
+    "ggn",
+    "local_curvature",
+    "predict",
     "measure",
 ]

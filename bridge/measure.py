@@ -1,19 +1,15 @@
-"""Measure, on a real UNet, what the theory computes, and predict resurgence before fine-tuning.
+"""Measured readouts of actual GD (pipeline step 5), and the whole pipeline in one call.
 
-Given theta_0 (base), theta_u (unlearned), the erased concept's prompts and a benign fine-tuning
-set, :func:`measure_resurgence` returns the observables of theory.md s.4 under the same names:
-``spectral_weights``, ``curvature_along_delta``, ``principal_angles``, ``predicted_rho`` (and,
-with ``verify=True``, ``rho`` and ``forget_loss_recovery`` of actual full-batch GD on the frozen
-fine-tuning loss).
+:func:`measure_gd` runs full-batch GD on the frozen fine-tuning loss over the group, starting at
+theta_u, and evaluates the readouts of :mod:`bridge.readouts` on the same probes (the same forget
+batches, the same sampler seeds) at each requested step: what :mod:`bridge.predict` predicted.
 
-Losses (all frozen quadratures, :mod:`bridge.loss`):
-
-* fine-tuning loss: with ``finetune_latents`` the denoising loss on that data (target eps); with
-  prompts only, the *in-distribution* loss whose targets are the base model's own predictions on
-  noised N(0, I) latents (theory.md's in-distribution case: its gradient vanishes at theta_0).
-* forget loss L_f: the same teacher loss on the forget prompts, so L_f(theta_0) = 0 and
-  ``forget_loss_recovery`` measures how far fine-tuning brings theta back to the base's output
-  on the erased concept.
+:func:`measure_resurgence` composes the pipeline of architecture.md for one learning rate:
+probes (:mod:`bridge.probes`) -> readout gradients (:mod:`bridge.readouts`) -> curvature
+(:mod:`bridge.local_curvature`) -> predictions (:mod:`bridge.predict`) -> optionally the measured
+GD run, and returns the observables of theory.md s.4 under their names (``spectral_weights``,
+``curvature_along_delta``, ``principal_angles``, ``predicted_rho``, ``rho``,
+``forget_loss_recovery``, ``output_rho``).
 """
 
 from __future__ import annotations
@@ -21,43 +17,126 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from bridge.curvature import HessianOperator
-from bridge.groups import select_group
-from bridge.loss import FrozenDiffusionLoss, make_probe_batches, teacher_targets
-from bridge.spectra import curvature_along, spectrum_ends
+from bridge.hygiene import check_group_covers_edit
+from bridge.local_curvature import measure_local_curvature
+from bridge.loss import FrozenDiffusionLoss
+from bridge.predict import predict_readouts
+from bridge.probes import Probes, finetune_probes, forget_probes, sampler_probe
+from bridge.readouts import ReadoutSet
+from bridge.spectra import curvature_along
 from bridge.subspaces import (
     finetune_gradient_subspace,
-    forget_displacement,
-    forget_loss_recovery,
     layerwise_forget_subspace,
-    measured_rho,
-    predicted_rho,
     principal_angles,
     spectral_weights,
 )
 
-__all__ = ["ResurgenceMeasurement", "measure_resurgence", "plot_spectrum", "summary"]
+__all__ = [
+    "MeasuredReadouts",
+    "ResurgenceMeasurement",
+    "measure_gd",
+    "measure_resurgence",
+    "plot_spectrum",
+    "summary",
+]
+
+
+@dataclass(frozen=True)
+class MeasuredReadouts:
+    """Readouts along one GD run from theta_u.
+
+    Attributes:
+      names: readout names ``(N,)``. lr: GD step size. steps: ``(S,)`` step counts.
+      values: ``(N, S)`` measured readouts (same units as :class:`~bridge.readouts.ReadoutSet`).
+      seeds: sampler seeds the presence readouts used.
+    """
+
+    names: tuple[str, ...]
+    lr: float
+    steps: np.ndarray
+    values: np.ndarray
+    seeds: tuple[int, ...] = ()
+
+    def get(self, name: str) -> np.ndarray:
+        """``(S,)`` measured values of readout ``name``."""
+        return self.values[self.names.index(name)]
+
+
+def measure_gd(
+    finetune_loss: FrozenDiffusionLoss,
+    readouts: ReadoutSet,
+    *,
+    lr: float,
+    steps: Sequence[int],
+    names: Sequence[str] | None = None,
+    progress: bool = False,
+) -> MeasuredReadouts:
+    r"""Full-batch GD :math:`\theta_{t+1} = \theta_t - \eta \nabla L_{ft}(\theta_t)` from theta_u.
+
+    Args:
+      finetune_loss: the frozen fine-tuning loss over the group (the one whose Hessian the
+        prediction used). readouts: the readouts, over the same group.
+      lr: step size eta. steps: step counts at which readouts are recorded (0 allowed).
+      names: readouts to record (default all of ``readouts``).
+      progress: tqdm bar over GD steps.
+
+    Returns:
+      :class:`MeasuredReadouts`.
+
+    Raises:
+      ValueError: a loss over another group than the readouts', or a negative step.
+    """
+    if finetune_loss.group.names != readouts.group.names:
+        raise ValueError(
+            f"the fine-tuning loss is over group {finetune_loss.group.spec!r} but the readouts "
+            f"over {readouts.group.spec!r}; measure and fine-tune the same group."
+        )
+    t = np.asarray(list(steps), dtype=np.int64)
+    if t.size and t.min() < 0:
+        raise ValueError(f"`steps` must be >= 0; got {t.tolist()}.")
+    names = readouts.names if names is None else tuple(names)
+    wanted = {int(s): j for j, s in enumerate(t)}
+    values = np.zeros((len(names), t.size))
+    theta = readouts.theta_u.clone()
+
+    def record(step):
+        if step in wanted:
+            got = readouts.values(theta, names)
+            values[:, wanted[step]] = [got[n] for n in names]
+
+    record(0)
+    for step in tqdm(range(1, int(t.max(initial=0)) + 1), desc="GD", disable=not progress):
+        theta = theta - lr * finetune_loss.gradient(theta)
+        record(step)
+    sampler = readouts.probes.sampler
+    return MeasuredReadouts(names, float(lr), t, values, tuple(sampler.seeds) if sampler else ())
 
 
 @dataclass
 class ResurgenceMeasurement:
-    """Labelled measurement; array fields carry their dimension in the name of the docs.
+    """Labelled measurement at theta_u, with the law's predictions and (optionally) GD's values.
 
     Attributes:
       eigenvalues: ``(eigen,)`` top-k largest-algebraic then k most-negative Hessian eigenvalues
         of the fine-tuning loss at theta_u, descending within each end.
       spectral_weights: ``(eigen,)`` <v_i, delta/||delta||>^2.
-      steps: ``(step,)`` GD step counts T. predicted_rho: ``(step,)`` rho_k(T) from theory.law.
-      negative_dominated: ``(step,)`` True where negative-curvature terms dominate the prediction.
-      negative_share: ``(step,)`` share of the prediction's magnitude from negative curvature.
+      steps: ``(step,)`` GD step counts T. predicted_rho: ``(step,)`` rho_k(T) (closure law).
+      negative_dominated: ``(step,)`` True where ``negative_share > 1/2``.
+      negative_share: ``(step,)`` share of the law's absolute total carried by its terms of
+        negative curvature, term by term (:func:`bridge.subspaces.negative_curvature_share`).
       rho, forget_loss_recovery: ``(step,)`` of actual GD (NaN unless ``verify``).
       principal_angles: ``(angle,)`` radians, forget subspace vs fine-tuning gradient subspace.
-      scalars: curvature_along_delta, lambda_perp, norms, losses, counts (see ``to_xarray``).
+      readout_names: the readouts. predicted_readouts: ``(readout, step)`` by the closure law;
+        krylov_readouts: ``(readout, step)`` by the Krylov predictor (NaN without
+        ``krylov_depth``); measured_readouts: ``(readout, step)`` of actual GD (NaN unless
+        ``verify``).
+      scalars: curvature_along_delta, lambda_perp, norms, losses, HVP counts.
     """
 
     eigenvalues: np.ndarray
@@ -69,10 +148,14 @@ class ResurgenceMeasurement:
     rho: np.ndarray
     forget_loss_recovery: np.ndarray
     principal_angles: np.ndarray
+    readout_names: tuple[str, ...] = ()
+    predicted_readouts: np.ndarray | None = None
+    krylov_readouts: np.ndarray | None = None
+    measured_readouts: np.ndarray | None = None
     scalars: dict = field(default_factory=dict)
 
     def to_xarray(self):
-        """``xarray.Dataset`` with dims ``eigen``, ``step``, ``angle``; scalars as 0-d variables."""
+        """``xarray.Dataset`` with dims ``eigen``, ``step``, ``angle``, ``readout``."""
         import xarray as xr
 
         data = {
@@ -85,6 +168,13 @@ class ResurgenceMeasurement:
             "forget_loss_recovery": ("step", self.forget_loss_recovery),
             "principal_angles": ("angle", self.principal_angles),
         }
+        for key, arr in (
+            ("predicted_readouts", self.predicted_readouts),
+            ("krylov_readouts", self.krylov_readouts),
+            ("measured_readouts", self.measured_readouts),
+        ):
+            if arr is not None:
+                data[key] = (("readout", "step"), arr)
         for key, value in self.scalars.items():
             if isinstance(value, int | float | np.floating | np.integer):
                 data[key] = ((), float(value))
@@ -94,6 +184,7 @@ class ResurgenceMeasurement:
                 "step": self.steps,
                 "eigen": np.arange(len(self.eigenvalues)),
                 "angle": np.arange(len(self.principal_angles)),
+                "readout": list(self.readout_names),
             },
         )
         ds["principal_angles"].attrs["units"] = "radians"
@@ -101,30 +192,15 @@ class ResurgenceMeasurement:
         ds.attrs.update({k: str(v) for k, v in self.scalars.items() if isinstance(v, str)})
         return ds
 
-    def save(self, out, *, args: dict, seed: int, wall_time: float) -> Path:
-        """Write ``measurement.nc`` (h5netcdf), ``manifest.json``, ``spectrum.png`` to ``out``."""
-        from experiments.manifest import write_manifest
 
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        self.to_xarray().to_netcdf(out / "measurement.nc", engine="h5netcdf")
-        write_manifest(
-            out,
-            config=args,
-            seeds={"seed": seed},
-            wall_time=wall_time,
-            extra={"scalars": self.scalars},
-        )
-        plot_spectrum(self, out / "spectrum.png")
-        return out
-
-
-def plot_spectrum(result: ResurgenceMeasurement, path) -> Path:
+def plot_spectrum(result: ResurgenceMeasurement, path) -> None:
     """Figure: both ends of the fine-tuning Hessian spectrum, spectral weights of delta overlaid."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from theory._atomic import atomic_write
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     idx = np.arange(len(result.eigenvalues))
@@ -132,27 +208,15 @@ def plot_spectrum(result: ResurgenceMeasurement, path) -> Path:
     ax.set_xlabel("eigenpair index (top-k largest, then k most negative)")
     ax.set_ylabel("Hessian eigenvalue $\\lambda_i$ of the fine-tuning loss")
     twin = ax.twinx()
-    twin.bar(
-        idx,
-        result.spectral_weights,
-        alpha=0.35,
-        color="tab:red",
-        label="spectral weight $\\langle v_i, \\delta/\\|\\delta\\|\\rangle^2$",
-    )
+    twin.bar(idx, result.spectral_weights, alpha=0.35, color="tab:red",
+             label="spectral weight $\\langle v_i, \\delta/\\|\\delta\\|\\rangle^2$")
     twin.set_ylabel("spectral weight of the forget displacement $\\delta$")
     ax.set_title("Fine-tuning Hessian at $\\theta_u$ (both ends) and weights of $\\delta$")
     handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
     ax.legend(handles=handles, loc="best", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120))
     plt.close(fig)
-    return Path(path)
-
-
-def _noised_inputs(n: int, unet, seed: int) -> torch.Tensor:
-    size, chans = unet.config.sample_size, unet.config.in_channels
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(n, chans, size, size, generator=gen, dtype=torch.float64)
 
 
 def measure_resurgence(
@@ -163,141 +227,129 @@ def measure_resurgence(
     forget_prompts: Sequence[str],
     finetune_prompts: Sequence[str],
     finetune_latents: torch.Tensor | None = None,
+    forget_latents: torch.Tensor | None = None,
     params: str = "cross-attn-kv",
+    method: str | None = None,
     top_k: int = 20,
+    krylov_depth: int | None = None,
     lr: float = 1e-5,
     steps: Sequence[int] = (1, 10, 100, 1000),
     seed: int = 0,
     batch_size: int = 4,
     draws: int = 1,
     subspace_rank: int = 4,
-    alphas_cumprod: torch.Tensor | None = None,
+    scheduler=None,
+    forget_seeds: Sequence[int] = (0, 1, 2, 3),
+    sample_steps: int = 20,
+    guidance_scale: float = 7.5,
     hvp_method: str = "double-backward",
     verify: bool = False,
     progress: bool = False,
 ) -> ResurgenceMeasurement:
-    """Measure curvature and subspaces at theta_u and predict rho(T) by the theory's law.
+    """Curvature, readouts and subspaces at theta_u; predicted (and with ``verify``, measured) GD.
 
     Args:
       base: UNet at theta_0. unlearned: UNet at theta_u (same architecture, device, dtype).
       text_encoder: :class:`bridge.tiny.TextEncoder` (tiny or real SD CLIP).
-      forget_prompts: prompts of the erased concept (for L_f).
+      forget_prompts: prompts of the erased concept.
       finetune_prompts: benign fine-tuning prompts (captions of ``finetune_latents`` if given).
-      finetune_latents: ``(N, C, H, W)`` fine-tuning data latents (VAE-encoded and scaled, or
-        images used directly on a VAE-less testbed); None = in-distribution teacher loss.
-      params: parameter group (preset of :data:`bridge.groups.PRESETS` or a regex).
-      top_k: eigenpairs per end of the spectrum (2 top_k < group size).
-      lr: GD step size of the predicted fine-tuning. steps: step counts T.
-      seed: seed of every frozen draw (timesteps, noise, inputs, Lanczos start, SVD).
-      batch_size: samples per probe batch. draws: (t, eps) draws per sample.
-      subspace_rank: dimension of the fine-tuning gradient subspace (and per-layer forget rank 1).
-      alphas_cumprod: ``(num_train_timesteps,)``; default the SD v1 schedule.
+      finetune_latents: ``(N, C, H, W)`` fine-tuning data; None = in-distribution teacher loss.
+      forget_latents: ``(M, C, H, W)`` erased-concept data; None = samples of the base model
+        under the forget prompts from ``forget_seeds`` (the forget loss has target eps).
+      params: the measured and fine-tuned group (a :data:`bridge.groups.PRESETS` name or regex);
+        it must cover every tensor the unlearning edited. method: the method's name (messages).
+      top_k: eigenpairs per end. krylov_depth: Lanczos steps at g for the Krylov predictor.
+      lr: GD step size. steps: step counts T. seed: seed of every frozen draw.
+      batch_size, draws: probe batches. subspace_rank: fine-tuning gradient subspace rank.
+      scheduler: the training scheduler (default SD v1's). forget_seeds, sample_steps,
+        guidance_scale: the DDIM sampling of the forget data.
       hvp_method: see :data:`bridge.curvature.HVP_METHODS`.
-      verify: also run max(steps) full-batch GD steps on the frozen fine-tuning loss and report
-        the measured ``rho`` and ``forget_loss_recovery`` (cheap only for tiny models).
+      verify: also run max(steps) GD steps on the frozen loss and record the readouts.
       progress: tqdm progress bars.
 
     Returns:
       :class:`ResurgenceMeasurement`.
 
     Raises:
-      ValueError: for an empty group, a zero displacement, ``top_k`` too large for the group,
-        or mismatched latents/prompts.
+      ValueError: a group that misses the edit or where delta is zero, ``top_k`` too large,
+        mismatched latents/prompts.
     """
     from bridge.tiny import tiny_scheduler
 
     if not forget_prompts or not finetune_prompts:
         raise ValueError("`forget_prompts` and `finetune_prompts` must both be non-empty")
-    if finetune_latents is not None and len(finetune_latents) != len(finetune_prompts):
-        raise ValueError(
-            f"{len(finetune_latents)} fine-tuning latents but {len(finetune_prompts)} "
-            "captions; give one caption per latent"
-        )
-    acp = tiny_scheduler().alphas_cumprod if alphas_cumprod is None else alphas_cumprod
-    ref = next(base.parameters())
-    group = select_group(base, params)
-    delta = forget_displacement(base, unlearned, group)
-    if float(delta.abs().max()) == 0.0:
-        raise ValueError(f"theta_u equals theta_0 over group {params!r}: nothing to measure")
-
-    def batches(prompts, latents, teacher, offset):
-        cond = text_encoder.encode_prompts(list(prompts)).to(ref.device, ref.dtype)
-        x0 = _noised_inputs(len(prompts), base, seed + offset) if latents is None else latents
-        out = make_probe_batches(
-            x0.to(ref.device, ref.dtype),
-            cond,
-            acp,
-            batch_size=batch_size,
-            seed=seed + offset,
-            draws=draws,
-        )
-        return teacher_targets(base, out) if teacher else out
-
-    ft_batches = batches(finetune_prompts, finetune_latents, finetune_latents is None, 1)
-    ft_loss = FrozenDiffusionLoss(unlearned, group, ft_batches)
-    f_loss = FrozenDiffusionLoss(unlearned, group, batches(forget_prompts, None, True, 2))
-    theta_u, theta_0 = ft_loss.theta(), group.values(base).to(ref.device, ref.dtype)
-
-    op = HessianOperator(ft_loss, theta_u, method=hvp_method, progress=progress)
-    ends = spectrum_ends(op, top_k, seed=seed)
-    grad = op.gradient()
-    pred = predicted_rho(
-        ends.eigenvalues,
-        ends.eigenvectors,
-        lambda v: (
-            (op @ torch.as_tensor(v, dtype=op.dtype, device=op.device)).cpu().double().numpy()
-        ),
-        grad,
-        delta,
-        lr=lr,
-        steps=steps,
+    scheduler = tiny_scheduler() if scheduler is None else scheduler
+    acp = scheduler.alphas_cumprod
+    group = check_group_covers_edit(base, unlearned, params, method=method)
+    sampler = sampler_probe(
+        text_encoder,
+        forget_prompts[0],
+        scheduler=scheduler,
+        seeds=forget_seeds,
+        steps=sample_steps,
+        guidance_scale=guidance_scale,
     )
+    common = {"alphas_cumprod": acp, "batch_size": batch_size, "seed": seed, "draws": draws}
+    probes = Probes(
+        finetune=finetune_probes(
+            text_encoder, finetune_prompts, finetune_latents, teacher=base, **common
+        ),
+        forget=forget_probes(
+            text_encoder, forget_prompts, forget_latents, base=base, sampler=sampler, **common
+        ),
+        sampler=None,
+        seed=seed,
+    )
+    ft_loss = FrozenDiffusionLoss(unlearned, group, probes.finetune)
+    readouts = ReadoutSet(base, unlearned, group, probes)
+    grads = readouts.gradients()
+    op = HessianOperator(ft_loss, ft_loss.theta(), method=hvp_method, progress=progress)
+    curv = measure_local_curvature(op, top_k=top_k, krylov_depth=krylov_depth, seed=seed)
+    closure = predict_readouts(curv, grads, lrs=[lr], steps=steps, predictor="closure")
+    krylov = None
+    if krylov_depth is not None:
+        krylov = predict_readouts(curv, grads, lrs=[lr], steps=steps, predictor="krylov")
+    rho_at = grads.names.index("rho")
+    share = closure.negative_share[rho_at, 0]
+    delta = readouts.delta
     forget_basis = layerwise_forget_subspace(delta, group, rank=1)
-    ft_basis = finetune_gradient_subspace(ft_loss, theta_u, rank=subspace_rank, seed=seed)
-    angles = principal_angles(forget_basis, ft_basis)
-
-    rho = np.full(len(pred.steps), np.nan)
-    recovery = np.full(len(pred.steps), np.nan)
-    lf_u, lf_0 = f_loss.value(theta_u), f_loss.value(theta_0)
+    ft_basis = finetune_gradient_subspace(ft_loss, readouts.theta_u, rank=subspace_rank, seed=seed)
+    measured = np.full((len(grads.names), len(closure.steps)), np.nan)
     if verify:
-        theta, wanted = theta_u.clone(), {int(t): i for i, t in enumerate(pred.steps)}
-        for t in range(1, int(pred.steps.max()) + 1):
-            theta = theta - lr * ft_loss.gradient(theta)
-            if t in wanted:
-                rho[wanted[t]] = measured_rho(theta, theta_u, delta)
-                recovery[wanted[t]] = forget_loss_recovery(lf_u, f_loss.value(theta), lf_0)
-        for t, i in wanted.items():
-            if t == 0:
-                rho[i], recovery[i] = 0.0, 0.0
-
+        measured = measure_gd(ft_loss, readouts, lr=lr, steps=steps, progress=progress).values
     scalars = {
         "curvature_along_delta": curvature_along(op, delta),
-        "lambda_perp": pred.lambda_perp,
+        "lambda_perp": curv.lambda_perp,
         "delta_norm": float(delta.norm()),
-        "grad_norm": float(grad.norm()),
-        "finetune_loss_unlearned": ft_loss.value(theta_u),
-        "forget_loss_unlearned": lf_u,
-        "forget_loss_base": lf_0,
+        "grad_norm": float(np.linalg.norm(curv.gradient)),
+        "finetune_loss_unlearned": ft_loss.value(readouts.theta_u),
+        "forget_loss_unlearned": readouts.loss_u,
+        "forget_loss_base": readouts.loss_0,
         "group_size": group.numel,
         "num_hvps": op.num_matvecs,
+        **{f"hvps_{k}": v for k, v in curv.hvps.items()},
         "lr": float(lr),
         "params": params,
         "hvp_method": hvp_method,
         "attention_fallback": str(op.attention_fallback),
-        "finetune_target": "teacher (in-distribution)"
-        if finetune_latents is None
-        else "data (eps)",
+        "finetune_target": "teacher (in-distribution)" if finetune_latents is None else "data (eps)",
+        "forget_target": "data (eps) on "
+        + ("base-model samples" if forget_latents is None else "given latents"),
     }
     return ResurgenceMeasurement(
-        eigenvalues=ends.eigenvalues,
-        spectral_weights=spectral_weights(ends.eigenvectors, delta),
-        steps=pred.steps,
-        predicted_rho=pred.predicted_rho,
-        negative_dominated=pred.negative_dominated,
-        negative_share=pred.negative_share,
-        rho=rho,
-        forget_loss_recovery=recovery,
-        principal_angles=angles,
+        eigenvalues=curv.eigenvalues,
+        spectral_weights=spectral_weights(curv.eigenvectors, delta),
+        steps=closure.steps,
+        predicted_rho=closure.get("rho")[0],
+        negative_dominated=share > 0.5,
+        negative_share=share,
+        rho=measured[rho_at],
+        forget_loss_recovery=measured[grads.names.index("forget_loss_recovery")],
+        principal_angles=principal_angles(forget_basis, ft_basis),
+        readout_names=grads.names,
+        predicted_readouts=closure.predicted[:, 0],
+        krylov_readouts=None if krylov is None else krylov.predicted[:, 0],
+        measured_readouts=measured,
         scalars=scalars,
     )
 
@@ -305,11 +357,14 @@ def measure_resurgence(
 def summary(result: ResurgenceMeasurement) -> str:
     """A few human-readable lines (printed by the CLI)."""
     lines = [f"{k}: {v}" for k, v in result.scalars.items()]
-    for t, p, r, neg in zip(
-        result.steps, result.predicted_rho, result.rho, result.negative_dominated, strict=True
-    ):
-        flag = "  [negative-curvature directions dominate]" if neg else ""
-        lines.append(f"T={int(t)}: predicted_rho={p:.4g} rho={r:.4g}{flag}")
+    for j, t in enumerate(result.steps):
+        flag = "  [negative-curvature directions dominate]" if result.negative_dominated[j] else ""
+        parts = [f"predicted_rho={result.predicted_rho[j]:.4g}", f"rho={result.rho[j]:.4g}"]
+        for i, name in enumerate(result.readout_names):
+            if name != "rho" and result.predicted_readouts is not None:
+                parts.append(f"predicted_{name}={result.predicted_readouts[i, j]:.4g}")
+                parts.append(f"{name}={result.measured_readouts[i, j]:.4g}")
+        lines.append(f"T={int(t)}: " + " ".join(parts) + flag)
     lines.append(
         "principal_angles (rad): " + json.dumps(np.round(result.principal_angles, 4).tolist())
     )

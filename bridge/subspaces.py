@@ -23,6 +23,7 @@ __all__ = [
     "gradient_forget_subspace",
     "layerwise_forget_subspace",
     "measured_rho",
+    "negative_curvature_share",
     "predicted_rho",
     "principal_angles",
     "spectral_weights",
@@ -172,8 +173,42 @@ def forget_loss_recovery(loss_u: float, loss_t: float, loss_0: float) -> float:
       ValueError: if L_f(theta_u) == L_f(theta_0) (unlearning did not change the forget loss).
     """
     if loss_u == loss_0:
-        raise ValueError("forget loss is the same at theta_u and theta_0: recovery undefined")
+        raise ValueError(
+            f"`forget_loss_recovery` is undefined: the forget loss is {loss_u!r} at both theta_u "
+            "and theta_0 (the unlearning did not change it)."
+        )
     return (loss_u - loss_t) / (loss_u - loss_0)
+
+
+def negative_curvature_share(contributions, curvatures) -> np.ndarray:
+    r"""Share of the law's absolute total carried by its negative-curvature terms.
+
+    The law is a sum of signed terms :math:`c_j(T)`: each eigen-term
+    :math:`a_i(T)\,g_i\,\delta_i/\|\delta\|^2` and the closure term
+    :math:`a(\lambda_\perp, T)\,\langle g_\perp, \delta\rangle/\|\delta\|^2`. Term j is a
+    negative-curvature term when its curvature :math:`\kappa_j` (the eigenvalue, or the closure's
+    Rayleigh quotient :math:`\lambda_\perp`) is < 0. The rule:
+
+    .. math:: s(T) = \frac{\sum_{j:\,\kappa_j<0} |c_j(T)|}{\sum_j |c_j(T)|}, \qquad
+              \text{negative curvature dominates at } T \iff s(T) > 1/2,
+
+    with s = 0 where every term is zero (T = 0). Magnitudes are taken per term, so negative-
+    curvature terms that cancel each other still count as what the prediction rests on.
+
+    Args:
+      contributions: ``(S, m)`` signed terms c_j(T) (their sum over j is rho(T)).
+      curvatures: ``(m,)`` curvature of each term (units of the loss per parameter squared).
+
+    Returns:
+      ``(S,)`` shares in [0, 1].
+
+    >>> negative_curvature_share(np.array([[1.0, 5.0, -4.6]]), np.array([1.0, -0.5, -0.6]))
+    array([0.90566038])
+    """
+    size = np.abs(np.asarray(contributions, dtype=np.float64))
+    negative = size[:, np.asarray(curvatures) < 0].sum(axis=1)
+    total = size.sum(axis=1)
+    return np.where(total > 0, negative / np.where(total > 0, total, 1.0), 0.0)
 
 
 @dataclass(frozen=True)
@@ -183,8 +218,11 @@ class Prediction:
     Attributes:
       predicted_rho: ``(S,)`` rho_k at each step count.
       steps: ``(S,)`` step counts T. lr: GD step size.
-      negative_dominated: ``(S,)`` True where the negative-curvature terms outweigh the rest.
-      negative_share: ``(S,)`` |negative-curvature part| / (|negative| + |non-negative| parts).
+      negative_dominated: ``(S,)`` ``negative_share > 1/2`` (negative curvature dominates).
+      negative_share: ``(S,)`` see :func:`negative_curvature_share`.
+      contributions: ``(S, k + 1)`` signed terms of the law: the k eigen-terms, then the closure
+        term; each row sums to ``predicted_rho``.
+      curvatures: ``(k + 1,)`` the eigenvalues, then ``lambda_perp``.
       lambda_perp: curvature of the remainder direction g_perp.
       grad_coords, delta_coords: ``(k,)`` <g, v_i> and <delta, v_i>.
     """
@@ -194,6 +232,8 @@ class Prediction:
     lr: float
     negative_dominated: np.ndarray
     negative_share: np.ndarray
+    contributions: np.ndarray
+    curvatures: np.ndarray
     lambda_perp: float
     grad_coords: np.ndarray
     delta_coords: np.ndarray
@@ -233,21 +273,22 @@ def predicted_rho(
         )
         inputs = {key: np.asarray(val, dtype=np.float64) for key, val in inputs.items()}
         rho = np.asarray(predict_rho_truncated(lr=lr, steps=t, **inputs), dtype=np.float64)
-        # Per-direction terms a_i(T) g_i d_i / ||d||^2, split by the sign of the curvature.
-        all_lam = np.append(inputs["eigenvalues"], inputs["lambda_perp"])
+        # The law's terms: a_i(T) g_i d_i / ||d||^2 per eigenpair, then the closure term.
+        curvatures = np.append(inputs["eigenvalues"], inputs["lambda_perp"])
         coef = np.append(
             inputs["grad_coords"] * inputs["delta_coords"], inputs["grad_perp_dot_delta"]
         )
-        terms = np.asarray(gd_amplification(all_lam, lr, t)) * coef / inputs["delta_norm_sq"]
-    negative = np.abs(terms[:, all_lam < 0].sum(axis=1))
-    positive = np.abs(terms[:, all_lam >= 0].sum(axis=1))
-    share = negative / np.maximum(negative + positive, np.finfo(np.float64).tiny)
+        amp = np.asarray(gd_amplification(curvatures, lr, t), dtype=np.float64)
+        terms = amp * coef / inputs["delta_norm_sq"]
+    share = negative_curvature_share(terms, curvatures)
     return Prediction(
         predicted_rho=rho,
         steps=t,
         lr=float(lr),
-        negative_dominated=negative > positive,
+        negative_dominated=share > 0.5,
         negative_share=share,
+        contributions=terms,
+        curvatures=curvatures,
         lambda_perp=float(inputs["lambda_perp"]),
         grad_coords=inputs["grad_coords"],
         delta_coords=inputs["delta_coords"],

@@ -1,17 +1,18 @@
 """The whole testbed, end to end, with every stage cached on disk (a rerun skips finished stages).
 
 pretrain -> classifier -> unlearn (UCE, UCE V-only, ESD-x, ...) -> presence before/after ->
-predicted rho (bridge curvature + theory law) for several learning rates -> measured rho of
-full-batch GD on the same frozen loss -> realistic AdamW fine-tuning of the whole UNet with
-presence tracking -> results (netCDF + JSON + manifest) and figures.
+predicted readouts (presence, output_rho, forget_loss_recovery, rho: bridge curvature + theory
+law, :mod:`bridge.testbed.predict`) for every learning rate and step -> the same readouts of
+full-batch GD on the same frozen loss, group and seeds -> realistic AdamW fine-tuning of the
+whole UNet with presence tracking -> results (netCDF + JSON + manifest, the long-format
+prediction table) and figures.
 
 Run folder layout::
 
     run/base/                 pretrained pipeline (SD layout)
     run/classifier.pt, classifier.json
     run/unlearned/<method>/   unlearned pipelines with manifest.json
-    run/predict/<method>.json predicted rho over (lr, step), spectrum
-    run/gd/<method>/lr_<lr>/  measured GD fine-tuning (checkpoint.pt, history.json)
+    run/predict/<method>.json predicted and measured readouts over (lr, step), spectrum
     run/adamw/<method>/       realistic fine-tuning (checkpoint.pt, history.json)
     run/presence.json         presence before / after unlearning
     run/results.nc, results.json, manifest.json
@@ -25,7 +26,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import tomllib
 import torch
 
@@ -78,7 +78,9 @@ class DemoConfig:
         "a blue circle on white",
     )
     images_per_concept: int = 8
-    # predicted vs measured rho: full-batch GD on the cross-attention K/V
+    # predicted vs measured readouts: full-batch GD on `finetune_group` (a preset, a regex, or
+    # "method" for each method's own group); it must cover every tensor each method edits
+    finetune_group: str = "cross-attn"
     # GD step sizes as fractions of the stability limit 2/lambda_max measured at theta_u
     gd_lr_fractions: tuple[float, ...] = (0.3, 0.6, 0.9)
     gd_steps: int = 40
@@ -165,9 +167,9 @@ def run_demo(
       The JSON summary (presence per stage and method, predicted and measured rho, correlation,
       classifier accuracy, stage wall times).
     """
-    from bridge.testbed.predict import finetune_probe_batches, predict_rho_over_lrs
+    from bridge.testbed.predict import predict_and_measure, presence_seeds
     from bridge.testbed.results import summarise, to_xarray
-    from bridge.testbed.stages import Stages, adamw_history, gd_history, log
+    from bridge.testbed.stages import Stages, adamw_history, log
     from experiments.manifest import write_manifest
 
     t_start = time.time()
@@ -197,62 +199,53 @@ def run_demo(
     if "base" not in stage_presence:
         log("presence of the base model")
         stage_presence["base"] = presence(base)
-    results: dict[str, Any] = {"methods": {}}
+    records: dict[str, Any] = {}
+    adamw: dict[str, Any] = {}
     for method in cfg.methods:
         unet = st.unlearned(method, base, text, scheduler)
         if method not in stage_presence:
             log(f"presence after unlearning ({method})")
             stage_presence[method] = presence(unet)
         atomic_write_json(pres_path, stage_presence)
-        batches = finetune_probe_batches(
-            text,
-            captions,
-            images,
-            scheduler.alphas_cumprod,
-            batch_size=cfg.probe_batch,
-            seed=cfg.seed,
-        )
         pred_path = run / "predict" / f"{method}.json"
         if not pred_path.is_file():
-            log(f"curvature and predicted rho ({method})")
+            log(f"curvature, predicted and measured readouts ({method})")
             t0 = time.time()
-            pred = predict_rho_over_lrs(
+            record = predict_and_measure(
                 base,
                 unet,
-                batches,
+                text,
+                scheduler,
+                classifier,
+                method=method,
+                erase=cfg.erase,
+                concept=st.world.concept_id(cfg.erase),
+                captions=captions,
+                images=images,
+                forget_batches=forget,
+                group=cfg.finetune_group,
                 lr_fractions=cfg.gd_lr_fractions,
                 steps=steps,
                 top_k=cfg.top_k,
+                probe_batch=cfg.probe_batch,
+                seeds=presence_seeds(cfg.presence_seeds),
+                sample_steps=cfg.sample_steps,
+                guidance_scale=cfg.guidance_scale,
                 seed=cfg.seed,
+                progress=progress,
             )
             st.timings[f"predict_{method}_s"] = time.time() - t0
-            arrays = {k: np.asarray(v).tolist() for k, v in pred._asdict().items()}
-            atomic_write_text(pred_path, json.dumps(arrays, indent=2) + "\n")
-        pred = json.loads(pred_path.read_text())
-        gd = {}
-        for k, lr in enumerate(pred["lrs"]):
-            gd[f"{k}"] = gd_history(
-                st,
-                method,
-                k,
-                lr,
-                base,
-                unet,
-                batches,
-                forget,
-                scheduler,
-                presence if k == len(pred["lrs"]) - 1 else None,
-            )
-        adamw = adamw_history(
+            atomic_write_text(pred_path, json.dumps(record, indent=2) + "\n")
+        records[method] = json.loads(pred_path.read_text())
+        adamw[method] = adamw_history(
             st, method, base, unet, images, embeds, null, forget, scheduler, presence
         )
-        results["methods"][method] = {"predict": pred, "gd": gd, "adamw": adamw}
 
-    summary = summarise(cfg, results, stage_presence, accuracy, steps)
+    summary = summarise(cfg, records, stage_presence, accuracy, adamw)
     summary["timings_s"] = {k: round(v, 2) for k, v in st.timings.items()}
     summary["wall_time_s"] = round(time.time() - t_start, 2)
     atomic_write_json(run / "results.json", summary)
-    dataset = to_xarray(cfg, results, steps, summary)
+    dataset = to_xarray(cfg, summary)
     atomic_write(run / "results.nc", lambda tmp: dataset.to_netcdf(tmp, engine="h5netcdf"))
     write_manifest(
         run,
@@ -262,9 +255,15 @@ def run_demo(
         extra={"stage_timings_s": summary["timings_s"]},
     )
     if figures is not None:
-        from bridge.testbed.figures import plot_presence, plot_rho
+        from bridge.testbed.figures import plot_presence, plot_presence_prediction, plot_readouts
+        from bridge.testbed.results import rows_to_csv
 
-        plot_presence(summary, Path(figures) / "bridge_testbed_presence.png")
-        plot_rho(summary, Path(figures) / "bridge_testbed_rho.png")
+        figs = Path(figures)
+        figs.mkdir(parents=True, exist_ok=True)
+        table = rows_to_csv(summary["predictions"])  # the long-format prediction table
+        atomic_write_text(figs / "bridge_testbed_predictions.csv", table)
+        plot_presence_prediction(summary, figs / "bridge_testbed_presence.png")  # the headline
+        plot_readouts(summary, figs / "bridge_testbed_rho.png")
+        plot_presence(summary, figs / "bridge_testbed_stages.png")
     log(f"done in {summary['wall_time_s']:.0f} s; results in {run}")
     return summary

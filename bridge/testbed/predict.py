@@ -1,109 +1,215 @@
-"""Predicted rho for several learning rates from one curvature measurement (testbed adapter).
+"""Predicted and measured readouts of one unlearning method on the testbed (the bridge pipeline).
 
-:func:`bridge.measure.measure_resurgence` takes one learning rate per call and recomputes the
-Lanczos eigenpairs each time. The resurgence law needs the eigenpairs once and is cheap per
-learning rate, so this adapter builds the *same* frozen fine-tuning loss as ``measure_resurgence``
-(same probe-batch construction and seeds), measures both spectrum ends once with
-:mod:`bridge.curvature`, and evaluates the law (:func:`bridge.subspaces.predicted_rho`, i.e.
-``theory.law``) for every learning rate. It returns the probe batches, so the measured GD run
-fine-tunes on exactly the loss the prediction is about.
+For one unlearned UNet: probes (:mod:`bridge.probes`: the fine-tuning quadrature, the demo's
+forget batches, the presence seeds of :meth:`bridge.testbed.stages.Stages.presence_hook`) ->
+readout gradients (:mod:`bridge.readouts`) -> one curvature measurement per local model
+(:mod:`bridge.local_curvature`): the Hessian (both spectrum ends + closure, and one Lanczos run
+at g) and the generalised Gauss-Newton matrix of the linearised network (:mod:`bridge.ggn`, one
+Lanczos run at g) -> predictions for every lr x T (:mod:`bridge.predict`, no product): the law's
+first-order Delta R, and every readout evaluated at theta_u + Delta theta_pred(T) (the UNet
+generates there: predicted presence) -> measured GD on the same loss, group and seeds
+(:func:`bridge.measure.measure_gd`). The result is one JSON-able record.
+
+Why two local models: at a UNet's theta_u the Hessian has negative eigenvalues, along which GD
+on the second-order model grows like (1 + lr |lambda|)^T while real GD levels off; the
+linearised network's quadratic (Hessian G, positive semi-definite) has no such direction. In
+the linear model of theory.md the two coincide.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
-from bridge.curvature import HessianOperator, curvature_along, spectrum_ends
-from bridge.groups import select_group
-from bridge.loss import FrozenDiffusionLoss, ProbeBatch, make_probe_batches
-from bridge.subspaces import forget_displacement, predicted_rho, spectral_weights
+from bridge.curvature import HessianOperator
+from bridge.ggn import GGNOperator
+from bridge.hygiene import check_group_covers_edit, method_group
+from bridge.local_curvature import measure_local_curvature
+from bridge.loss import FrozenDiffusionLoss, ProbeBatch
+from bridge.measure import measure_gd
+from bridge.predict import check_same_seeds, predict_at_points, predict_readouts
+from bridge.probes import Probes, finetune_probes, sampler_probe
+from bridge.readouts import ReadoutSet
+from bridge.subspaces import spectral_weights
 
-__all__ = ["LrPrediction", "finetune_probe_batches", "predict_rho_over_lrs"]
+__all__ = ["PRESENCE_SEED_BASE", "classifier_log_probs", "predict_and_measure", "presence_seeds"]
 
-
-class LrPrediction(NamedTuple):
-    """Predictions over learning rates: ``predicted_rho`` ``(lr, step)``; spectrum ``(eigen,)``."""
-
-    lrs: np.ndarray
-    steps: np.ndarray
-    predicted_rho: np.ndarray
-    negative_dominated: np.ndarray
-    eigenvalues: np.ndarray
-    spectral_weights: np.ndarray
-    curvature_along_delta: float
-    num_hvps: int
+#: First x_T seed of the demo's presence images (the hook of ``Stages.presence_hook``).
+PRESENCE_SEED_BASE = 10_000
 
 
-def finetune_probe_batches(text_encoder, prompts, images, alphas_cumprod, *, batch_size, seed):
-    """The fine-tuning quadrature exactly as ``measure_resurgence`` draws it (seed + 1)."""
-    cond = text_encoder.encode_prompts(list(prompts))
-    return make_probe_batches(images, cond, alphas_cumprod, batch_size=batch_size, seed=seed + 1)
+def presence_seeds(count: int) -> list[int]:
+    """The demo's presence seeds: ``count`` consecutive seeds from :data:`PRESENCE_SEED_BASE`."""
+    return list(range(PRESENCE_SEED_BASE, PRESENCE_SEED_BASE + count))
 
 
-def predict_rho_over_lrs(
+def classifier_log_probs(classifier):
+    """Differentiable ``images -> (n, K)`` log-probabilities of the testbed classifier.
+
+    The same input handling as ``ConceptClassifier.probabilities`` (float32, clamped to
+    [-1, 1]), without its ``no_grad``.
+    """
+
+    def log_probs(images: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(classifier(images.float().clamp(-1, 1)), dim=-1)
+
+    return log_probs
+
+
+def _group_spec(spec: str, method: str) -> str:
+    return method_group(method) if spec == "method" else spec
+
+
+def predict_and_measure(
     base,
     unlearned,
-    batches: Sequence[ProbeBatch],
+    text_encoder,
+    scheduler,
+    classifier,
     *,
-    lrs: Sequence[float] | None = None,
-    lr_fractions: Sequence[float] | None = None,
+    method: str,
+    erase: str,
+    concept: int,
+    captions: Sequence[str],
+    images: torch.Tensor,
+    forget_batches: Sequence[ProbeBatch],
+    group: str = "cross-attn",
+    lr_fractions: Sequence[float],
     steps: Sequence[int],
-    top_k: int = 8,
-    params: str = "cross-attn-kv",
+    top_k: int,
+    probe_batch: int,
+    seeds: Sequence[int],
+    sample_steps: int,
+    guidance_scale: float,
     seed: int = 0,
-    tol: float = 1e-4,
-    hvp_method: str = "double-backward",
-) -> LrPrediction:
-    """rho_k(T) of full-batch GD on the frozen fine-tuning loss, for every lr in ``lrs``.
+    curvature: Literal["ggn", "hessian"] = "ggn",
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Every readout predicted (Krylov, closure) and measured, for every lr x T; JSON-able.
 
     Args:
-      base, unlearned: UNets at theta_0 and theta_u.
-      batches: frozen fine-tuning probe batches (:func:`finetune_probe_batches`).
-      lrs: GD step sizes; or ``lr_fractions``: step sizes as fractions of GD's stability limit
-        2 / lambda_max, with lambda_max the largest measured eigenvalue (give exactly one).
-      steps: step counts T. top_k: eigenpairs per spectrum end.
-      params: measured (and fine-tuned) parameter group. seed: Lanczos start vector.
-      tol: Lanczos relative accuracy of the Ritz values (1e-4 is far below the law's other
-        errors and needs fewer Hessian-vector products than eigsh's machine precision).
-      hvp_method: one of :data:`bridge.curvature.HVP_METHODS`.
+      base, unlearned: UNets at theta_0, theta_u. text_encoder, scheduler: the pipeline's.
+      classifier: the testbed's :class:`~bridge.testbed.classifier.ConceptClassifier`.
+      method: the unlearning method (messages; ``group="method"`` takes its own group).
+      erase: the erased prompt. concept: its class index.
+      captions, images: the fine-tuning set. forget_batches: the erased concept's probes.
+      group: fine-tuned and measured group (a preset, a regex or ``"method"``); it must cover
+        every tensor the method edited.
+      lr_fractions: GD step sizes as fractions of 2 / lambda_max (measured at theta_u).
+      steps: GD step counts T (the Krylov run has max(steps) Lanczos steps: exact for all).
+      top_k: eigenpairs per spectrum end (closure predictor). probe_batch: samples per batch.
+      seeds, sample_steps, guidance_scale: presence sampling (as the demo's presence hook).
+      seed: seed of the fine-tuning quadrature and the Lanczos start.
+      curvature: the local quadratic model of the headline prediction: ``"ggn"`` (the
+        linearised network, :mod:`bridge.ggn`) or ``"hessian"`` (the second-order Taylor model;
+        it grows geometrically along the Hessian's negative directions).
+      progress: progress bars.
 
     Returns:
-      :class:`LrPrediction`.
+      dict with ``lrs``, ``steps``, ``readouts``; ``predicted`` (readout -> ``(lr, step)``): every
+      readout evaluated at theta_u + Delta theta_pred(T), Delta theta from the Krylov run of
+      ``curvature`` (``predicted_presence``: presence generated there); ``alternatives``: the
+      other predictors (first-order law by Krylov and by eigenpairs + closure, the other
+      curvature at points); ``measured`` (readout -> ``(lr, step)``) of actual GD; the spectrum,
+      product counts and timings.
     """
-    if (lrs is None) == (lr_fractions is None):
-        raise ValueError("give exactly one of `lrs` and `lr_fractions`.")
-    group = select_group(base, params)
-    delta = forget_displacement(base, unlearned, group)
-    loss = FrozenDiffusionLoss(unlearned, group, batches)
-    op = HessianOperator(loss, loss.theta(), method=hvp_method)
-    ends = spectrum_ends(op, top_k, seed=seed, tol=tol)
-    grad = op.gradient()
-    if lr_fractions is not None:
-        lam_max = float(np.max(ends.eigenvalues))
-        if lam_max <= 0:
-            raise ValueError(
-                "no positive curvature measured: `lr_fractions` of 2/lambda_max undefined."
-            )
-        lrs = [float(f) * 2.0 / lam_max for f in lr_fractions]
-
-    def matvec(v):
-        return (op @ torch.as_tensor(v, dtype=op.dtype, device=op.device)).cpu().double().numpy()
-
-    preds = [
-        predicted_rho(ends.eigenvalues, ends.eigenvectors, matvec, grad, delta, lr=lr, steps=steps)
-        for lr in lrs
-    ]
-    return LrPrediction(
-        lrs=np.asarray(lrs, dtype=np.float64),
-        steps=np.asarray(steps),
-        predicted_rho=np.stack([p.predicted_rho for p in preds]),
-        negative_dominated=np.stack([p.negative_dominated for p in preds]),
-        eigenvalues=ends.eigenvalues,
-        spectral_weights=spectral_weights(ends.eigenvectors, delta),
-        curvature_along_delta=float(curvature_along(op, delta)),
-        num_hvps=int(op.num_matvecs),
+    group_ = check_group_covers_edit(base, unlearned, _group_spec(group, method), method=method)
+    probes = Probes(
+        finetune=finetune_probes(
+            text_encoder,
+            captions,
+            images,
+            alphas_cumprod=scheduler.alphas_cumprod,
+            batch_size=probe_batch,
+            seed=seed,
+        ),
+        forget=list(forget_batches),
+        sampler=sampler_probe(
+            text_encoder,
+            erase,
+            scheduler=scheduler,
+            seeds=seeds,
+            steps=sample_steps,
+            guidance_scale=guidance_scale,
+        ),
+        seed=seed,
     )
+    times: dict[str, float] = {}
+    t0 = time.time()
+    readouts = ReadoutSet(
+        base, unlearned, group_, probes, log_probs=classifier_log_probs(classifier), concept=concept
+    )
+    grads = readouts.gradients()
+    times["readout_gradients_s"] = time.time() - t0
+    t = [int(s) for s in steps]
+    loss = FrozenDiffusionLoss(unlearned, group_, probes.finetune)
+    t0 = time.time()
+    hess = HessianOperator(loss, progress=progress)
+    curv = measure_local_curvature(hess, top_k=top_k, krylov_depth=max(t), seed=seed)
+    times["hessian_curvature_s"] = time.time() - t0
+    t0 = time.time()
+    ggn = GGNOperator(loss, progress=progress)
+    linear = measure_local_curvature(ggn, krylov_depth=max(t), seed=seed)
+    times["ggn_curvature_s"] = time.time() - t0
+    lrs = [float(f) * 2.0 / curv.lambda_max for f in lr_fractions]
+    products = hess.num_matvecs + ggn.num_matvecs
+    t0 = time.time()
+    first_order = {
+        "hessian_krylov_first_order": predict_readouts(curv, grads, lrs=lrs, steps=t),
+        "hessian_closure_first_order": predict_readouts(
+            curv, grads, lrs=lrs, steps=t, predictor="closure"
+        ),
+        "ggn_krylov_first_order": predict_readouts(linear, grads, lrs=lrs, steps=t),
+    }
+    times["prediction_grid_s"] = time.time() - t0  # every readout x lr x T: no product
+    t0 = time.time()
+    at_points = {
+        f"{name}_at_points": predict_at_points(readouts, c, lrs=lrs, steps=t, names=grads.names)
+        for name, c in (("ggn", linear), ("hessian", curv))
+    }
+    times["predicted_at_points_s"] = time.time() - t0
+    assert hess.num_matvecs + ggn.num_matvecs == products  # predictions cost no product
+    t0 = time.time()
+    runs = [measure_gd(loss, readouts, lr=lr, steps=t, progress=progress) for lr in lrs]
+    times["measured_gd_s"] = time.time() - t0
+    for run in runs:
+        check_same_seeds(first_order["ggn_krylov_first_order"].seeds, run.seeds)
+
+    def per_readout(array):  # (N, R, S) -> {name: nested list (R, S)}
+        return {n: np.asarray(array[i]).tolist() for i, n in enumerate(grads.names)}
+
+    alternatives = {k: per_readout(p.predicted) for k, p in first_order.items()}
+    alternatives.update(
+        {k: {n: v.tolist() for n, v in points.items()} for k, points in at_points.items()}
+    )
+    primary = alternatives.pop(f"{curvature}_at_points")
+    closure = first_order["hessian_closure_first_order"]
+    return {
+        "method": method,
+        "group": group_.spec,
+        "group_size": group_.numel,
+        "lr_fractions": [float(f) for f in lr_fractions],
+        "lrs": lrs,
+        "steps": t,
+        "readouts": list(grads.names),
+        "values_unlearned": dict(zip(grads.names, grads.values.tolist(), strict=True)),
+        "predictor": f"{curvature}_at_points",
+        "predicted": primary,
+        "predicted_presence": primary["presence"],
+        "alternatives": alternatives,
+        "closure_negative_share": per_readout(closure.negative_share),
+        "measured": per_readout(np.stack([r.values for r in runs], axis=1)),
+        "eigenvalues": curv.eigenvalues.tolist(),
+        "eigen_converged": curv.eigen_converged,
+        "lambda_perp": curv.lambda_perp,
+        "ggn_ritz_values": linear.krylov.ritz()[0].tolist(),
+        "spectral_weights": spectral_weights(curv.eigenvectors, readouts.delta).tolist(),
+        "hvps": dict(curv.hvps),
+        "ggn_products": dict(linear.hvps),
+        "seeds": list(probes.sampler.seeds),
+        "timings_s": {k: round(v, 3) for k, v in times.items()},
+    }

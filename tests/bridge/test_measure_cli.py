@@ -76,6 +76,8 @@ def test_measure_writes_results_and_first_step_is_exact(folders, tmp_path):
             "--batch-size",
             "2",
             "--verify",
+            "--krylov-depth",
+            "4",
         ]
     )
     assert result.exit_code == 0, result.output + repr(result.exception)
@@ -84,6 +86,16 @@ def test_measure_writes_results_and_first_step_is_exact(folders, tmp_path):
     # T=1 is exact for any k: one GD step moves by -lr g, and rho_k(1) = lr <g, delta>/||delta||^2.
     np.testing.assert_allclose(ds["predicted_rho"].values[0], ds["rho"].values[0], rtol=1e-9)
     assert abs(ds["predicted_rho"].values[1]) > abs(ds["predicted_rho"].values[0])
+    # Every readout at T = 1 from both predictors: first order in -lr g, exact for rho (linear).
+    names = list(ds["readout"].values)
+    assert names == ["rho", "output_rho", "forget_loss_recovery"]
+    for key in ("predicted_readouts", "krylov_readouts"):
+        np.testing.assert_allclose(
+            ds[key].values[0, 0], ds["measured_readouts"].values[0, 0], rtol=1e-9
+        )
+    # The Krylov run (depth 4 = max T) is exact for the quadratic model; the closure with 2
+    # eigenpairs per end is not, so at T = 4 the two differ.
+    assert ds["krylov_readouts"].values[0, 1] != ds["predicted_readouts"].values[0, 1]
     eig = ds["eigenvalues"].values
     assert eig[:2].min() >= eig[2:].max()  # LA end above the SA end
     assert (out / "manifest.json").is_file() and (out / "spectrum.png").stat().st_size > 1000

@@ -73,18 +73,25 @@ def test_demo_runs_end_to_end_and_rerun_skips_finished_stages(tmp_path):
     ):
         assert (run / name).is_file(), name
     assert sorted(p.name for p in figs.iterdir()) == [
+        "bridge_testbed_predictions.csv",
         "bridge_testbed_presence.png",
         "bridge_testbed_rho.png",
+        "bridge_testbed_stages.png",
     ]
-    pairs = first["rho_pairs"]
-    assert len(pairs) == 2 * 4  # (lr, T > 0)
-    # measured rho in results equals the tracked history of the GD run on disk
-    hist = json.loads((run / "gd/uce-v/lr1/history.json").read_text())
-    assert pairs[-1]["rho"] == hist[-1]["rho"]
+    rows = first["predictions"]
+    assert len(rows) == 2 * 4 * 5  # (lr, T > 0, readout)
+    csv_lines = (figs / "bridge_testbed_predictions.csv").read_text().splitlines()
+    assert csv_lines[0] == "method,lr_fraction,lr,step,readout,predicted,measured"
+    assert len(csv_lines) == 1 + len(rows)
+    # the table's measured presence is the GD run's, recorded on disk with its prediction
+    record = json.loads((run / "predict/uce-v.json").read_text())
+    last = [r for r in rows if r["readout"] == "presence"][-1]
+    assert last["measured"] == record["measured"]["presence"][-1][-1]
+    assert last["predicted"] == record["predicted_presence"][-1][-1]
     stamp = (run / "unlearned/uce-v/manifest.json").stat().st_mtime_ns
     second = run_demo(cfg, run, figures=None, progress=False)
     assert (run / "unlearned/uce-v/manifest.json").stat().st_mtime_ns == stamp  # not redone
-    assert second["rho_pairs"] == pairs
+    assert second["predictions"] == rows
     assert second["timings_s"] == {}  # every stage came from disk
     other = load_demo_config(None, [*SMOKE, "seed=1"])
     with pytest.raises(ValueError, match=re.escape("holds a run with another config")):
