@@ -37,7 +37,7 @@ figures: $(STAMP)
 	$(BIN)/resurgence figures
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -n 2 -q
+	$(BIN)/python -m pytest -n 2 -q --durations=20
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run_all

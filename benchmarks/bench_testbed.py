@@ -41,7 +41,11 @@ def bench_cpu(threads: int) -> dict:
     from bridge.generate import generate
     from bridge.testbed.classifier import train_classifier
     from bridge.testbed.demo import DemoConfig
-    from bridge.testbed.predict import finetune_probe_batches, predict_rho_over_lrs
+    from bridge.curvature import HessianOperator
+    from bridge.groups import select_group
+    from bridge.local_curvature import measure_local_curvature
+    from bridge.loss import FrozenDiffusionLoss
+    from bridge.probes import finetune_probes
     from bridge.testbed.train import ModelConfig, build_world_model, diffusion_loss
     from bridge.unlearn import apply_uce, esd, uce_token_embeddings
 
@@ -108,22 +112,20 @@ def bench_cpu(threads: int) -> dict:
     ids = torch.tensor(ids).repeat_interleave(cfg.images_per_concept)
     images = world.sample(ids, g)
     caps = [world.captions[i] for i in ids.tolist()]
-    batches = finetune_probe_batches(
-        text, caps, images, sched.alphas_cumprod, batch_size=cfg.probe_batch, seed=0
+    batches = finetune_probes(
+        text, caps, images, alphas_cumprod=sched.alphas_cumprod, batch_size=cfg.probe_batch, seed=0
     )
     edited = apply_uce(unet, concepts)
     t0 = time.perf_counter()
-    pred = predict_rho_over_lrs(
-        unet,
-        edited,
-        batches,
-        lr_fractions=cfg.gd_lr_fractions,
-        steps=[cfg.gd_steps],
-        top_k=cfg.top_k,
-    )
+    loss = FrozenDiffusionLoss(edited, select_group(edited, "cross-attn-kv"), batches)
+    op = HessianOperator(loss)
+    curv = measure_local_curvature(op, top_k=cfg.top_k, krylov_depth=cfg.gd_steps)
     record(
-        "predict_rho", time.perf_counter() - t0, f"{pred.num_hvps} HVPs, top_k={cfg.top_k} per end"
+        "curvature_measurement",
+        time.perf_counter() - t0,
+        f"{op.num_matvecs} HVPs: top_k={cfg.top_k} per end + closure + Krylov depth {cfg.gd_steps}",
     )
+    del curv
     ft = FinetuneConfig(
         steps=5,
         lr=1.0,
@@ -160,7 +162,7 @@ def bench_cpu(threads: int) -> dict:
         * sum(m.startswith("esd") for m in cfg.methods)
         + (1 + n + n * 2 * (1 + cfg.adamw_steps // cfg.track_every))
         * rows["presence_eval"]["seconds"]
-        + n * rows["predict_rho"]["seconds"]
+        + n * rows["curvature_measurement"]["seconds"]
         + n * len(cfg.gd_lr_fractions) * cfg.gd_steps * rows["gd_step"]["seconds"]
         + n * cfg.adamw_steps * rows["adamw_step"]["seconds"],
         1,
