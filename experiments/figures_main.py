@@ -105,6 +105,9 @@ def bridge_summary(demo: dict) -> dict:
         m: {k: r.get(k) for k in _BRIDGE_PER_METHOD} for m, r in demo.get("methods", {}).items()
     }
     keep.pop("wall_time_s", None)
+    for key in ("metrics", "metrics_alternatives"):  # predicted vs measured, per readout
+        if key in demo:
+            keep[key] = demo[key]
     return keep
 
 
