@@ -37,15 +37,15 @@ def _time(fn, repeat: int) -> float:
 
 
 def bench_cpu(threads: int) -> dict:
+    from bridge.curvature import HessianOperator
     from bridge.finetune import FinetuneConfig, FinetuneData, finetune
     from bridge.generate import generate
-    from bridge.testbed.classifier import train_classifier
-    from bridge.testbed.demo import DemoConfig
-    from bridge.curvature import HessianOperator
     from bridge.groups import select_group
     from bridge.local_curvature import measure_local_curvature
     from bridge.loss import FrozenDiffusionLoss
     from bridge.probes import finetune_probes
+    from bridge.testbed.classifier import train_classifier
+    from bridge.testbed.demo import DemoConfig
     from bridge.testbed.train import ModelConfig, build_world_model, diffusion_loss
     from bridge.unlearn import apply_uce, esd, uce_token_embeddings
 

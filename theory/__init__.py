@@ -31,7 +31,6 @@ from theory.law import (
     readout_closure_inputs,
     truncated_closure_inputs,
 )
-from theory.readouts import READOUT_NAMES, Readouts, presence_readout, readouts
 from theory.observables import (
     curvature_along_delta,
     forget_loss_recovery,
@@ -66,6 +65,7 @@ from theory.quadratic import (
     split_params,
     target_moments,
 )
+from theory.readouts import READOUT_NAMES, Readouts, presence_readout, readouts
 from theory.report import StageReport, stage_report
 from theory.sampling import (
     DDIMMap,

@@ -97,7 +97,7 @@ def make(out="figures", runs="runs/figures", *, config=None, progress=False) -> 
     fig, (ax, ax_k) = figure(1, 2, height=3.8, sharex=True)
     degrees = np.degrees(ANGLES)
     for j, guard in enumerate(GUARDS):
-        for c, (curv, ls) in enumerate(zip(CURVATURES, ("-", "--"), strict=True)):
+        for c, ls in enumerate(("-", "--")[: len(CURVATURES)]):
             label = guard if c == 0 else None
             ax.plot(
                 degrees, regained[c, :, j], ls=ls, marker="o", ms=3, lw=2.2 - 0.4 * j,

@@ -25,12 +25,11 @@ SIZES = {"dim": 12, "embed_dim": 8, "num_concepts": 6, "num_levels": 6}
 
 def _study(method: str):
     """A jitted function seed -> law predictions, exact readouts and presence (one preset)."""
-    from theory.law import predict_readout_change
+    from theory.finetune import finetune_setup, gd_closed_form
+    from theory.law import gd_amplification, predict_readout_change
     from theory.pretrain import bayes_optimal_denoiser
     from theory.problem import DataDistribution
     from theory.quadratic import eigen_coordinates, from_eigen_coordinates
-    from theory.finetune import finetune_setup, gd_closed_form
-    from theory.law import gd_amplification
     from theory.readouts import READOUT_NAMES, presence_readout, readouts
     from theory.sweep import DYNAMIC_KNOBS, ScenarioStatic, scenario_problem
     from theory.unlearning import get_method, unlearn_with

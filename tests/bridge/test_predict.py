@@ -169,7 +169,7 @@ def test_ggn_is_the_linearised_hessian(setup):
     dense = torch.zeros(loss.numel, loss.numel, dtype=torch.float64)
     for b in range(len(loss.batches)):
         op = GGNOperator(loss, theta_u)
-        jac = torch.autograd.functional.jacobian(lambda th, b=b: op._output(th, b), theta_u)
+        jac = torch.autograd.functional.jacobian(lambda th, b=b, op=op: op._output(th, b), theta_u)
         jac = jac.reshape(-1, loss.numel)
         dense += 2.0 * jac.T @ jac / jac.shape[0] / len(loss.batches)
     got = GGNOperator(loss, theta_u) @ v

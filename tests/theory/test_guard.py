@@ -6,8 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from theory import concept_distribution, finetune_setup, gd_closed_form, make_problem
-from theory import pretrain_closed_form
+from theory import (
+    concept_distribution,
+    finetune_setup,
+    gd_closed_form,
+    make_problem,
+    pretrain_closed_form,
+)
 from theory.guard import (
     dense_hessian,
     forget_output_guard,

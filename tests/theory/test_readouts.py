@@ -15,7 +15,7 @@ from theory import (
     pretrain_closed_form,
     simulate_finetune,
 )
-from theory.krylov import krylov_readout_change, lanczos, krylov_displacement
+from theory.krylov import krylov_displacement, krylov_readout_change, lanczos
 from theory.law import (
     predict_readout_change,
     predict_readout_change_truncated,
