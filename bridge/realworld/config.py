@@ -21,15 +21,15 @@ __all__ = ["RunConfig", "load_run_config"]
 
 
 @dataclasses.dataclass(frozen=True)
-class RunConfig:
+class RunConfig(TrainConfig):
     """World, UNet training and classifier settings of one training run.
 
     Attributes:
       concepts: concept names (empty: all 50). styles: drawing styles. size: image side (px).
       max_length: MiniLM tokens per prompt. threads: torch CPU threads.
-      steps .. checkpoint_every: :class:`~bridge.realworld.train.TrainConfig` fields.
+      block_out_channels .. seed: inherited from :class:`~bridge.realworld.train.TrainConfig`
+        (one list of UNet-training fields and defaults).
       classifier_steps, classifier_per_pair, classifier_width: presence/style classifier training.
-      seed: seed of everything.
     """
 
     concepts: tuple[str, ...] = ()
@@ -37,30 +37,16 @@ class RunConfig:
     size: int = 16
     max_length: int = 16
     threads: int = 1
-    block_out_channels: tuple[int, ...] = (32, 64, 128)
-    layers_per_block: int = 1
-    attention_head_dim: int = 2
-    norm_num_groups: int = 8
-    steps: int = 4000
-    batch_size: int = 32
-    lr: float = 1e-3
-    warmup: float = 0.05
-    p_null: float = 0.1
-    p_style: float = 0.5
-    p_synonym: float = 0.0
-    grad_clip: float = 1.0
-    checkpoint_every: int = 250
     classifier_steps: int = 600
     classifier_per_pair: int = 32
     classifier_width: int = 32
-    seed: int = 0
 
     def world(self) -> RealWorld:
         return RealWorld(concepts=self.concepts or None, styles=self.styles, size=self.size)
 
     def train_config(self) -> TrainConfig:
-        names = {f.name for f in dataclasses.fields(TrainConfig)}
-        return TrainConfig(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
+        """The inherited training fields as a plain :class:`TrainConfig` (fingerprinted alone)."""
+        return TrainConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(TrainConfig)})
 
     def to_dict(self) -> dict:
         return {
