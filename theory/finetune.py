@@ -32,6 +32,7 @@ __all__ = [
     "check_gd_step_size",
     "gd_closed_form",
     "predicted_rho_closed_form",
+    "top_k_closure",
     "GDResult",
     "finetune_gd",
     "Trajectory",
@@ -101,6 +102,32 @@ def predicted_rho_closed_form(setup: FinetuneSetup, lr, steps) -> jax.Array:
     """rho(T) from the law with all eigenpairs: shape ``(S,)``."""
     lam, g, dc = setup.law_inputs()
     return predict_rho(lam, g, dc, lr, steps)
+
+
+def top_k_closure(eigen: HessianEigen, grad_coords: jax.Array, ranks) -> list:
+    """For each k in ``ranks``: which eigen-coordinates lie in the top-k eigenspaces, and the
+    closure curvature lambda_perp = g_perp^T H g_perp / ||g_perp||^2 of the rest (theory.md s.4).
+
+    Args:
+      eigen: block eigendecomposition (eigenvalues ``(L, n)``, each of multiplicity d).
+      grad_coords: <g, v> in that basis, ``(L, d, n)``.
+      ranks: the k values (static ints), counting eigenspaces over all levels.
+
+    Returns:
+      list of ``(top, lambda_perp)``: a boolean mask ``(L, d, n)`` and a scalar (0 if g_perp = 0).
+    """
+    lam = eigen.eigenvalues
+    order = jnp.argsort(-lam.reshape(-1))
+    rank_of = jnp.empty_like(order).at[order].set(jnp.arange(order.shape[0])).reshape(lam.shape)
+    weighted = jnp.broadcast_to(lam[:, None, :], grad_coords.shape) * grad_coords**2
+    out = []
+    for k in ranks:
+        top = jnp.broadcast_to((rank_of < k)[:, None, :], grad_coords.shape)
+        rest_sq = jnp.sum(jnp.where(top, 0.0, grad_coords**2))
+        safe = jnp.where(rest_sq > 0, rest_sq, 1.0)
+        lambda_perp = jnp.where(rest_sq > 0, jnp.sum(jnp.where(top, 0.0, weighted)) / safe, 0.0)
+        out.append((top, lambda_perp))
+    return out
 
 
 class GDResult(NamedTuple):

@@ -34,7 +34,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from theory.finetune import finetune_setup, gd_closed_form, predicted_rho_closed_form
+from theory.finetune import (
+    finetune_setup,
+    gd_closed_form,
+    predicted_rho_closed_form,
+    top_k_closure,
+)
 from theory.law import predict_rho_truncated
 from theory.observables import angles_between_orthonormal, curvature_along_delta, spectral_weights
 from theory.observables import rho as rho_observable
@@ -199,17 +204,9 @@ def _truncated(setup, lr, steps, ranks):
     lam = setup.eigen.eigenvalues  # (L, n)
     g = eigen_coordinates(setup.grad, setup.eigen)  # (L, d, n)
     dc = eigen_coordinates(setup.delta, setup.eigen)
-    order = jnp.argsort(-lam.reshape(-1))
-    rank_of = jnp.empty_like(order).at[order].set(jnp.arange(order.shape[0])).reshape(lam.shape)
     lam_full = jnp.broadcast_to(lam[:, None, :], g.shape)
     out = []
-    for k in ranks:
-        top = jnp.broadcast_to((rank_of < k)[:, None, :], g.shape)
-        g_perp_sq = jnp.sum(jnp.where(top, 0.0, g**2))
-        safe = jnp.where(g_perp_sq > 0, g_perp_sq, 1.0)
-        lambda_perp = jnp.where(
-            g_perp_sq > 0, jnp.sum(jnp.where(top, 0.0, lam_full * g**2)) / safe, 0.0
-        )
+    for top, lambda_perp in top_k_closure(setup.eigen, g, ranks):
         out.append(
             predict_rho_truncated(
                 lam_full.reshape(-1),

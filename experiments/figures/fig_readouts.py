@@ -25,7 +25,7 @@ SIZES = {"dim": 12, "embed_dim": 8, "num_concepts": 6, "num_levels": 6}
 
 def _study(method: str):
     """A jitted function seed -> law predictions, exact readouts and presence (one preset)."""
-    from theory.finetune import finetune_setup, gd_closed_form
+    from theory.finetune import finetune_setup, gd_closed_form, top_k_closure
     from theory.law import gd_amplification, predict_readout_change
     from theory.pretrain import bayes_optimal_denoiser
     from theory.problem import DataDistribution
@@ -59,18 +59,10 @@ def _study(method: str):
         presence = jax.vmap(score)(thetas)
         # Presence from the truncated displacement: top-k eigenspaces exactly, the rest of g as one
         # closure direction with its Rayleigh-quotient curvature (theory.md s.4).
-        lam_lv = setup.eigen.eigenvalues  # (L, n)
         coords = eigen_coordinates(setup.grad, setup.eigen)  # (L, d, n)
-        order = jnp.argsort(-lam_lv.reshape(-1))
-        rank_of = jnp.empty_like(order).at[order].set(jnp.arange(order.size)).reshape(lam_lv.shape)
-        amp = gd_amplification(lam_lv, lr, steps)  # (S, L, n)
+        amp = gd_amplification(setup.eigen.eigenvalues, lr, steps)  # (S, L, n)
         truncated = []
-        for k in RANKS:
-            top = (rank_of < k)[:, None, :]
-            rest_sq = jnp.sum(jnp.where(top, 0.0, coords**2))
-            lam_perp = jnp.sum(jnp.where(top, 0.0, lam_lv[:, None, :] * coords**2)) / jnp.where(
-                rest_sq > 0, rest_sq, 1.0
-            )
+        for top, lam_perp in top_k_closure(setup.eigen, coords, RANKS):
             amp_perp = gd_amplification(lam_perp, lr, steps)  # (S,)
             moved = -jnp.where(top, amp[:, :, None, :], amp_perp[:, None, None, None]) * coords
             truncated.append(jax.vmap(score)(theta_u + from_eigen_coordinates(moved, setup.eigen)))
