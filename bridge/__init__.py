@@ -11,6 +11,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 __all__ = [
     "tiny",
+    "sd",
     "loading",
     "groups",
     "loss",

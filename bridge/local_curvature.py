@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from bridge.spectra import spectrum_ends
-from theory.krylov import LanczosRun, lanczos
+from theory.krylov import LanczosRun, PolarisationRuns, lanczos, polarisation_runs
 
 __all__ = [
     "LocalCurvature",
@@ -34,15 +34,6 @@ __all__ = [
     "measure_local_curvature",
     "numpy_matvec",
 ]
-
-
-@dataclass(frozen=True)
-class PolarisationRuns:
-    """Lanczos runs at ``scale * u + g`` and ``scale * u - g`` (``minus`` None if u || g)."""
-
-    plus: LanczosRun
-    minus: LanczosRun | None
-    scale: float
 
 
 @dataclass(frozen=True)
@@ -176,16 +167,10 @@ def measure_local_curvature(
         u = np.asarray(u, dtype=np.float64)
         if not np.any(u):
             raise ValueError(f"readout `{name}` has zero gradient: no quadrature to run.")
-        scale = float(np.linalg.norm(grad) / np.linalg.norm(u))
-
-        def pair(u=u, scale=scale):
-            plus = lanczos(matvec, scale * u + grad, int(quadrature_depth))
-            minus_start = scale * u - grad
-            parallel = np.linalg.norm(minus_start) <= 1e-14 * np.linalg.norm(grad)
-            minus = None if parallel else lanczos(matvec, minus_start, int(quadrature_depth))
-            return PolarisationRuns(plus, minus, scale)
-
-        runs[name] = counted(f"quadrature[{name}]", pair)
+        runs[name] = counted(
+            f"quadrature[{name}]",
+            lambda u=u: polarisation_runs(matvec, grad, u, int(quadrature_depth)),
+        )
     return LocalCurvature(
         gradient=grad,
         group_spec=op.loss.group.spec,

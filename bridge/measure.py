@@ -250,7 +250,7 @@ def measure_resurgence(
 
     Args:
       base: UNet at theta_0. unlearned: UNet at theta_u (same architecture, device, dtype).
-      text_encoder: :class:`bridge.tiny.TextEncoder` (tiny or real SD CLIP).
+      text_encoder: :class:`bridge.sd.TextEncoder` (tiny or real SD CLIP).
       forget_prompts: prompts of the erased concept.
       finetune_prompts: benign fine-tuning prompts (captions of ``finetune_latents`` if given).
       finetune_latents: ``(N, C, H, W)`` fine-tuning data; None = in-distribution teacher loss.

@@ -160,7 +160,7 @@ def predict_readouts(
     """
     import jax
 
-    from theory.krylov import quadrature_amplification
+    from theory.krylov import polarised_quadrature
     from theory.law import (
         gd_amplification,
         predict_readout_change_truncated,
@@ -193,10 +193,7 @@ def predict_readouts(
                 if run is not None:
                     _run_depth_ok(run, t, 2, "quadrature_depth", exact)
             for r, lr in enumerate(lrs):
-                q = quadrature_amplification(runs.plus, lr, t, exact=exact)
-                if runs.minus is not None:
-                    q = q - quadrature_amplification(runs.minus, lr, t, exact=exact)
-                change[i, r] = -q / 4 / runs.scale  # polarisation: <u, a g> = (q+ - q-) / 4 s
+                change[i, r] = -polarised_quadrature(runs, lr, t, exact=exact)
     else:
         vecs, g_coords, _ = _closure_parts(curv)
         curvatures = np.append(curv.eigenvalues, curv.lambda_perp)

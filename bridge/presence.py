@@ -226,7 +226,7 @@ def clip_presence_hook(
     (pixel-space testbed) from the direct DDIM loop of :mod:`bridge.generate`.
 
     Args:
-      folder: local pipeline folder. pipe: :class:`bridge.tiny.TinyPipeline` loaded from it.
+      folder: local pipeline folder. pipe: :class:`bridge.sd.SDPipeline` loaded from it.
       scorer: :class:`ClipScorer`. prompts: prompts scored against their own text.
       seeds: fixed seed list. steps, guidance_scale: sampler settings.
 

@@ -88,7 +88,7 @@ def sampler_probe(
     """The :class:`SamplerProbe` of ``prompt`` (encoded with the null prompt).
 
     Args:
-      text_encoder: :class:`bridge.tiny.TextEncoder`. prompt: the erased prompt.
+      text_encoder: :class:`bridge.sd.TextEncoder`. prompt: the erased prompt.
       scheduler: any diffusers scheduler (its config builds the DDIM sampler).
       seeds: x_T seeds. steps: DDIM steps. guidance_scale: s.
 
@@ -122,7 +122,7 @@ def finetune_probes(
     """Frozen quadrature of the fine-tuning loss (seed ``seed + FINETUNE_SEED_OFFSET``).
 
     Args:
-      text_encoder: :class:`bridge.tiny.TextEncoder`. prompts: one caption per latent (or the
+      text_encoder: :class:`bridge.sd.TextEncoder`. prompts: one caption per latent (or the
         in-distribution prompts when ``latents`` is None).
       latents: fine-tuning data ``(N, C, H, W)``; None = in-distribution loss (needs ``teacher``).
       alphas_cumprod: ``(num_train_timesteps,)``. batch_size: samples per batch.
@@ -177,7 +177,7 @@ def forget_probes(
     drawn with ``sampler``'s schedule (its prompt replaced by each forget prompt).
 
     Args:
-      text_encoder: :class:`bridge.tiny.TextEncoder`. prompts: erased-concept prompts.
+      text_encoder: :class:`bridge.sd.TextEncoder`. prompts: erased-concept prompts.
       latents: ``(N, C, H, W)`` forget data, or None (then ``base`` and ``sampler`` are needed).
       base: UNet at theta_0. sampler: the DDIM settings and seeds for the base samples.
       alphas_cumprod: ``(num_train_timesteps,)``. batch_size, seed, draws: as for fine-tuning.

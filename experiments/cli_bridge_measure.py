@@ -182,7 +182,7 @@ def measure(
     from bridge.data import encode_caption_folder
     from bridge.loading import load_unet, load_unlearned_unet
     from bridge.measure import measure_resurgence, summary
-    from bridge.tiny import load_text_encoder
+    from bridge.sd import load_text_encoder
 
     torch_dtype = getattr(torch, dtype)
     with blame("--base", base):

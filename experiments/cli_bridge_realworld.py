@@ -202,3 +202,92 @@ def verify(
     with blame("FOLDER", folder):
         files = verify_fingerprints(folder)
     typer.echo(f"{len(files)} files match their fingerprints in {folder}")
+
+
+_DEFAULT_EXPERIMENT = Path(__file__).resolve().parent / "configs" / "realworld_experiment.toml"
+
+
+def _experiment_config(config: Path | None, set_: list[str] | None):
+    from bridge.realworld.experiment import load_experiment_config
+
+    path = config or _DEFAULT_EXPERIMENT
+    if not path.is_file():
+        raise check.UsageError(f"`--config` {check.quote(path)} is not a file.")
+    with blame("--config", path):
+        load_experiment_config(path, [])
+    try:
+        return load_experiment_config(path, list(set_ or []))
+    except ValueError as err:
+        raise check.UsageError(f"`--set`: {err}") from None
+
+
+def _report(out: Path) -> dict:
+    """claims.md / claims.json and both figures of a finished (or partial) experiment folder."""
+    from bridge.realworld.claims import claims, claims_markdown
+    from bridge.realworld.figures import plot_resurgence_curves, plot_sample_grid
+    from bridge.realworld.table import ResultsTable
+    from theory._atomic import atomic_write_json, atomic_write_text
+
+    table = ResultsTable.read_csv(out / "results.csv")
+    found = claims(table)
+    atomic_write_json(out / "claims.json", found)
+    atomic_write_text(out / "claims.md", claims_markdown(found))
+    plot_resurgence_curves(table, out / "resurgence.png")
+    plot_resurgence_curves(table, out / "resurgence_synonyms.png", prompts="synonyms")
+    plot_sample_grid(out, out / "samples.png")
+    return {c["claim"]: c["verdict"] for c in found}
+
+
+@realworld_app.command("experiment")
+@one_line_errors
+def experiment(
+    model: Annotated[
+        Path, typer.Option("--model", help="Model folder written by `train` (fingerprints checked).")
+    ] = Path("runs/realworld/model"),
+    out: Annotated[
+        Path, typer.Option("--out", help="Run folder (a rerun resumes finished units).")
+    ] = Path("runs/realworld/experiment"),
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", help="TOML config (default: configs/realworld_experiment.toml)."),
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override KEY=VALUE, e.g. --set finetune_steps=100."),
+    ] = None,
+) -> None:
+    """Unlearn, fine-tune with the authors' protocol, score presence: results.csv, claims, figures."""
+    from bridge.realworld.bundle import load_model
+    from bridge.realworld.experiment import check_tasks, run_experiment
+    from experiments.manifest import write_manifest
+
+    cfg = _experiment_config(config, set_)
+    if not (model / "fingerprints.json").is_file():
+        raise check.UsageError(
+            f"`--model` {check.quote(model)} is not a trained model folder (no fingerprints.json); "
+            "train one with `resurgence bridge realworld train`."
+        )
+    _need_minilm()
+    t0 = time.time()
+    with blame("--model", model):
+        bundle = load_model(model)
+    with blame("--set tasks", list(cfg.tasks)):
+        check_tasks(cfg, bundle.world)
+    summary = run_experiment(bundle, cfg, out)
+    verdicts = _report(out)
+    write_manifest(
+        out, config=cfg.to_dict(), seeds={"seed": cfg.seed}, wall_time=time.time() - t0,
+        extra={"model": str(model), "summary": summary},
+    )
+    typer.echo(json.dumps({"rows": summary["rows"], "claims": verdicts}, indent=1))
+
+
+@realworld_app.command("report")
+@one_line_errors
+def report(
+    folder: Annotated[Path, typer.Argument(help="Experiment folder with results.csv.")],
+) -> None:
+    """Recompute claims.md/json and the figures of an experiment folder from its results.csv."""
+    if not (folder / "results.csv").is_file():
+        raise check.UsageError(f"FOLDER {check.quote(folder)} has no results.csv.")
+    typer.echo(json.dumps(_report(folder), indent=1))

@@ -74,9 +74,37 @@ def finetune(
     ] = 8,
     seed: Annotated[int, typer.Option("--seed", help="Seed of minibatches, timesteps, noise.")] = 0,
     device: Annotated[str, typer.Option("--device", help="torch device.")] = "cpu",
+    schedule: Annotated[
+        str, typer.Option("--schedule", help="Learning-rate schedule: constant or cosine (to 0).")
+    ] = "constant",
+    grad_clip: Annotated[
+        float | None, typer.Option("--grad-clip", help="Max gradient norm (clip before each step).")
+    ] = None,
+    ema_decay: Annotated[
+        float | None, typer.Option("--ema-decay", help="EMA of the weights (diffusers EMAModel).")
+    ] = None,
+    guard: Annotated[
+        str,
+        typer.Option(
+            "--guard",
+            help="none, forget-subspace (updates off the forget readouts' gradients) or "
+            "retain-core (PGU-style baseline, needs --retain-prompt).",
+        ),
+    ] = "none",
+    guard_refresh: Annotated[
+        int, typer.Option("--guard-refresh", help="Steps between guard re-estimates.")
+    ] = 10,
+    retain_prompt: Annotated[
+        list[str] | None,
+        typer.Option("--retain-prompt", help="Retained concept prompt for --guard retain-core."),
+    ] = None,
 ) -> None:
     """Fine-tune an unlearned UNet on a captioned image folder, tracking rho, forget-loss recovery
     and (with --clip-weights) CLIP-score presence of the erased prompts.
+
+    --guard forget-subspace projects every update off the gradients of output_rho and
+    forget_loss_recovery of each --forget-prompt (its synonyms: repeat the option), re-estimated
+    every --guard-refresh steps; the share of each update it removed is in history.json.
 
     Every argument is checked before any weights load; a bad one exits with code 2 and one line."""
     check.at_least("--steps", steps, 0)
@@ -86,13 +114,25 @@ def finetune(
         ("--batch-size", batch_size),
         ("--track-every", track_every),
         ("--presence-seeds", presence_seeds),
+        ("--guard-refresh", guard_refresh),
     ):
         check.at_least(option, value, 1)
+    if grad_clip is not None:
+        check.positive("--grad-clip", grad_clip)
+    if ema_decay is not None and not 0.0 < ema_decay < 1.0:
+        raise check.UsageError(f"`--ema-decay` must be in (0, 1); got {ema_decay!r}.")
     import torch
 
-    from bridge.finetune import OPTIMIZERS, FinetuneConfig, FinetuneData
+    from bridge.finetune import OPTIMIZERS, SCHEDULES, FinetuneConfig, FinetuneData
+    from bridge.guard import GUARDS
 
     check.choice("--optimizer", optimizer, OPTIMIZERS)
+    check.choice("--schedule", schedule, SCHEDULES)
+    check.choice("--guard", guard, ("none", *GUARDS))
+    if guard == "retain-core" and not retain_prompt:
+        raise check.UsageError("`--guard retain-core` needs at least one `--retain-prompt`.")
+    if guard != "none" and trainable == "lora":
+        raise check.UsageError("`--guard` projects the trained weights' updates: not with lora.")
     cfg = FinetuneConfig(  # its own checks cannot fail after the ones above
         steps=steps,
         lr=lr,
@@ -103,6 +143,9 @@ def finetune(
         track_every=track_every,
         checkpoint_every=track_every,
         seed=seed,
+        schedule=schedule,
+        grad_clip=grad_clip,
+        ema_decay=ema_decay,
     )
     unet_dir = check.unet_folder("--base", base)
     check.pipeline_parts(
@@ -123,7 +166,7 @@ def finetune(
     from bridge.finetune import finetune as run_finetune
     from bridge.loading import load_unet
     from bridge.loss import make_probe_batches, teacher_targets
-    from bridge.tiny import TinyPipeline, load_text_encoder
+    from bridge.sd import SDPipeline, load_text_encoder
     from bridge.unlearn_io import load_unlearned, write_json
 
     t0 = time.time()
@@ -149,7 +192,7 @@ def finetune(
                 )
     # Last: transformers prints a loading bar, and every input error should come before it.
     with blame("--base", base):
-        pipe = TinyPipeline(
+        pipe = SDPipeline(
             unet=base_unet,
             text_encoder=load_text_encoder(base, device=device),
             scheduler=_scheduler(base),
@@ -166,6 +209,22 @@ def finetune(
         pipe.unet,
         make_probe_batches(x0, cond, pipe.scheduler.alphas_cumprod, batch_size=4, seed=seed + 2),
     )
+    update_guard = None
+    if guard == "forget-subspace":  # one Probes per prompt: each synonym adds its own gradients
+        from bridge.guard import forget_subspace_guard
+        from bridge.probes import Probes
+
+        per_prompt = [Probes([], [b], None, seed) for b in forget]
+        update_guard = forget_subspace_guard(pipe.unet, per_prompt, refresh_every=guard_refresh)
+    elif guard == "retain-core":
+        from bridge.guard import retain_core_guard
+        from bridge.probes import finetune_probes
+
+        retain = finetune_probes(
+            text, list(retain_prompt) * 4, alphas_cumprod=pipe.scheduler.alphas_cumprod,
+            batch_size=1, seed=seed, teacher=pipe.unet,
+        )  # fmt: skip
+        update_guard = retain_core_guard(retain, refresh_every=guard_refresh)
     presence = None
     if clip_weights is not None:
         from bridge.presence import ClipScorer, clip_presence_hook
@@ -183,6 +242,7 @@ def finetune(
         base_unet=pipe.unet,
         forget_batches=forget,
         presence=presence,
+        guard=update_guard,
         out_dir=out,
     )
     res.unet.save_pretrained(out / "unet")
@@ -195,6 +255,7 @@ def finetune(
             "unlearned": str(unlearned),
             "data": str(data),
             "forget_prompts": list(forget_prompt),
+            "guard": None if update_guard is None else update_guard.spec(),
             **cfg.__dict__,
         },
         seeds={"seed": seed},

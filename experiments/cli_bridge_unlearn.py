@@ -361,7 +361,7 @@ def unlearn(
         )
 
     from bridge.loading import load_unet, load_unet_weights
-    from bridge.tiny import load_text_encoder
+    from bridge.sd import load_text_encoder
     from bridge.unlearn_io import save_unlearned
     from bridge.unlearning.run import unlearn as run_unlearn
 

@@ -4,6 +4,7 @@ Shapes: d image dim, m embedding dim, K concepts, L noise levels; parameters ``t
 array ``(L, d, d + m)`` = [W_t, V_t] per level.
 """
 
+from theory.adam_law import AdamPath, adam_on_quadratic, low_rank_hessian_matvec, readouts_along
 from theory.finetune import (
     FinetuneSetup,
     GDResult,
@@ -17,9 +18,12 @@ from theory.finetune import (
 )
 from theory.krylov import (
     LanczosRun,
+    PolarisationRuns,
     krylov_displacement,
     krylov_readout_change,
     lanczos,
+    polarisation_runs,
+    polarised_quadrature,
     quadrature_amplification,
 )
 from theory.law import (
@@ -77,6 +81,10 @@ from theory.sampling import (
 from theory.unlearning import METHOD_NAMES, PRESETS, UnlearningMethod, compose, unlearn
 
 __all__ = [
+    "AdamPath",
+    "adam_on_quadratic",
+    "low_rank_hessian_matvec",
+    "readouts_along",
     "DDIMMap",
     "GeneratedDistribution",
     "METHOD_NAMES",
@@ -125,7 +133,10 @@ __all__ = [
     "predict_readout_change_truncated",
     "readout_closure_inputs",
     "LanczosRun",
+    "PolarisationRuns",
     "lanczos",
+    "polarisation_runs",
+    "polarised_quadrature",
     "quadrature_amplification",
     "krylov_readout_change",
     "krylov_displacement",

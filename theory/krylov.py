@@ -28,7 +28,10 @@ from theory.law import gd_amplification
 
 __all__ = [
     "LanczosRun",
+    "PolarisationRuns",
     "lanczos",
+    "polarisation_runs",
+    "polarised_quadrature",
     "quadrature_amplification",
     "krylov_readout_change",
     "krylov_displacement",
@@ -155,13 +158,91 @@ def quadrature_amplification(run: LanczosRun, lr, steps, *, exact: bool = True) 
     return run.start_norm**2 * amp @ weights
 
 
+class PolarisationRuns(NamedTuple):
+    """The two Lanczos runs of one readout's polarisation, at ``scale u + g`` and ``scale u - g``.
+
+    Attributes:
+      plus, minus: the runs (``minus`` None when u is parallel to g: then q(su - g) = 0).
+      scale: s = ||g|| / ||u||, so that both starts are well away from zero.
+    """
+
+    plus: LanczosRun
+    minus: LanczosRun | None
+    scale: float
+
+    @property
+    def matvecs(self) -> int:
+        """Hessian-vector products of both runs."""
+        return self.plus.matvecs + (0 if self.minus is None else self.minus.matvecs)
+
+
+def polarisation_runs(matvec: Callable, grad, readout, num_steps: int) -> PolarisationRuns:
+    """Run Lanczos at s u + g and s u - g (s = ||g|| / ||u||): the input of
+    :func:`polarised_quadrature`.
+
+    Args:
+      matvec: v -> H v on flat vectors; grad: g ``(n,)``; readout: u = grad R(theta_u) ``(n,)``.
+      num_steps: Lanczos depth m per run (the quadrature is exact for T <= 2m).
+
+    Returns:
+      :class:`PolarisationRuns` (2m HVPs, m when u is parallel to g).
+
+    Raises:
+      ValueError: a zero readout gradient or a zero fine-tuning gradient (nothing to polarise).
+    """
+    g = np.asarray(grad, dtype=np.float64).reshape(-1)
+    u = np.asarray(readout, dtype=np.float64).reshape(-1)
+    if not np.any(u):
+        raise ValueError(
+            "`readout` gradient is zero: the readout does not depend on the fine-tuned parameters."
+        )
+    if not np.any(g):
+        raise ValueError("`grad` is zero: GD does not move from theta_u, nothing to predict.")
+    scale = float(np.linalg.norm(g) / np.linalg.norm(u))
+    plus = lanczos(matvec, scale * u + g, num_steps)
+    minus_start = scale * u - g
+    if np.linalg.norm(minus_start) <= 1e-14 * np.linalg.norm(g):  # u parallel to g
+        return PolarisationRuns(plus, None, scale)
+    return PolarisationRuns(plus, lanczos(matvec, minus_start, num_steps), scale)
+
+
+def polarised_quadrature(runs: PolarisationRuns, lr, steps, *, exact: bool = True) -> np.ndarray:
+    r"""<u, a(H, T) g> for each T from the runs' tridiagonals (polarisation identity).
+
+    .. math:: \langle u, a(H,T)\,g\rangle = \frac{q(su+g) - q(su-g)}{4s},\quad
+              q(w) = \|w\|^2 e_1^T a(T_m^{(w)}, T)\, e_1
+
+    The one implementation for theory and bridge: it reads only the Lanczos coefficients, so a
+    run made on a torch HVP (``bridge.local_curvature``) is combined exactly as a NumPy one.
+
+    Args:
+      runs: from :func:`polarisation_runs`. lr: GD step size; steps: ``(S,)`` step counts.
+      exact: raise unless both runs are deep enough (T <= 2m) for every T.
+
+    Returns:
+      ``(S,)`` in units of lr * steps * <u, g>; Delta R(T) is minus this.
+
+    Raises:
+      ValueError: a run too short for exactness (and ``exact``).
+
+    >>> h = np.diag([1.0, 3.0]); g = np.array([1.0, 1.0]); u = np.array([2.0, 0.0])
+    >>> runs = polarisation_runs(lambda v: h @ v, g, u, 2)
+    >>> # <u, a(H, 2) g> = 2 a(1, 2) = 2 (1 - 0.9**2)
+    >>> float(np.round(polarised_quadrature(runs, 0.1, np.array([2]))[0], 12))
+    0.38
+    """
+    q = quadrature_amplification(runs.plus, lr, steps, exact=exact)
+    if runs.minus is not None:
+        q = q - quadrature_amplification(runs.minus, lr, steps, exact=exact)
+    return q / (4.0 * runs.scale)
+
+
 def krylov_readout_change(
     matvec: Callable, grad, readout, lr, steps, *, num_steps: int | None = None, exact=True
 ):
     r"""Delta R(T) = -<grad R, a(H, T) g> for GD, exactly, from two Lanczos runs (polarisation).
 
-    .. math:: \langle u, a(H,T) g\rangle = \tfrac14\big[q(u+g) - q(u-g)\big],\quad
-              q(w) = \|w\|^2 e_1^T a(T_m^{(w)}, T) e_1
+    :func:`polarisation_runs` then :func:`polarised_quadrature` for each lr.
 
     Args:
       matvec: v -> H v on flat vectors; grad: g ``(n,)``; readout: grad R(theta_u) ``(n,)``.
@@ -174,7 +255,7 @@ def krylov_readout_change(
       ``(S,)`` for a scalar lr, else ``(R, S)``; and the number of HVPs used, as a tuple.
 
     Raises:
-      ValueError: a readout or gradient that is zero, or a depth too small for exactness.
+      ValueError: a readout gradient that is zero, or a depth too small for exactness.
     """
     g = np.asarray(grad, dtype=np.float64).reshape(-1)
     u = np.asarray(readout, dtype=np.float64).reshape(-1)
@@ -187,26 +268,9 @@ def krylov_readout_change(
         change = np.zeros((lrs.size, np.atleast_1d(steps).size))
         return (change[0] if np.ndim(lr) == 0 else change), 0
     depth = krylov_depth_for(steps) if num_steps is None else num_steps
-    # Scale u to g's norm so that u + g and u - g are both well away from zero.
-    scale = np.linalg.norm(g) / np.linalg.norm(u)
-    plus = lanczos(matvec, scale * u + g, depth)
-    minus_start = scale * u - g
-    if np.linalg.norm(minus_start) <= 1e-14 * np.linalg.norm(g):  # u parallel to g
-        out = [quadrature_amplification(plus, r, steps, exact=exact) / 4 for r in lrs]
-        used = plus.matvecs
-    else:
-        minus = lanczos(matvec, minus_start, depth)
-        out = [
-            (
-                quadrature_amplification(plus, r, steps, exact=exact)
-                - quadrature_amplification(minus, r, steps, exact=exact)
-            )
-            / 4
-            for r in lrs
-        ]
-        used = plus.matvecs + minus.matvecs
-    change = -np.stack(out) / scale
-    return (change[0] if np.ndim(lr) == 0 else change), used
+    runs = polarisation_runs(matvec, g, u, depth)
+    change = -np.stack([polarised_quadrature(runs, r, steps, exact=exact) for r in lrs])
+    return (change[0] if np.ndim(lr) == 0 else change), runs.matvecs
 
 
 def krylov_displacement(run: LanczosRun, lr, steps, *, exact: bool = True) -> np.ndarray:

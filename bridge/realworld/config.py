@@ -17,7 +17,7 @@ from bridge.realworld.concepts import suggest
 from bridge.realworld.train import TrainConfig
 from bridge.realworld.world import RealWorld
 
-__all__ = ["RunConfig", "load_run_config"]
+__all__ = ["RunConfig", "load_flat_config", "load_run_config"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,30 +58,33 @@ def _coerce(key: str, value, hint, source: str):
     origin = typing.get_origin(hint)
     if origin is tuple:
         kind = typing.get_args(hint)[0]
+        accepted = (int, float) if kind is float else kind  # TOML writes 1.0 as 1 too
         if isinstance(value, list) and all(
-            isinstance(v, kind) and not isinstance(v, bool) for v in value
+            isinstance(v, accepted) and not isinstance(v, bool) for v in value
         ):
-            return tuple(value)
+            return tuple(kind(v) for v in value)
         expected = f"a list of {kind.__name__}"
     elif hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     elif hint is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    elif hint in (str, bool) and type(value) is hint:
         return value
     else:
         expected = hint.__name__ if isinstance(hint, type) else str(hint)
     raise ValueError(f"`{key}` in {source} must be {expected}, got {value!r}.")
 
 
-def load_run_config(
-    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
-) -> RunConfig:
-    """Read a TOML file of flat keys (or the defaults), then apply ``KEY=VALUE`` overrides.
+def load_flat_config(cls, path: str | Path | None = None, overrides=()):
+    """An instance of the frozen dataclass ``cls`` from a TOML file of flat keys and overrides.
+
+    Every field of ``cls`` is a key; ``overrides`` are ``KEY=VALUE`` strings in TOML syntax.
 
     Raises:
-      ValueError: unknown key (closest keys suggested), bad TOML, wrong type, or a value the
-        world or training config refuses (their own messages).
+      ValueError: unknown key (closest keys suggested), bad TOML, wrong type, or a value that
+        ``cls`` refuses (its own message).
     """
-    hints = typing.get_type_hints(RunConfig)
+    hints = typing.get_type_hints(cls)
     values: dict = {}
     sources: dict = {}
     if path is not None:
@@ -111,6 +114,18 @@ def load_run_config(
                 f"(known: {', '.join(hints)})."
             )
         kwargs[key] = _coerce(key, value, hints[key], sources[key])
-    cfg = RunConfig(**kwargs)
+    return cls(**kwargs)
+
+
+def load_run_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> RunConfig:
+    """Read a TOML file of flat keys (or the defaults), then apply ``KEY=VALUE`` overrides.
+
+    Raises:
+      ValueError: unknown key (closest keys suggested), bad TOML, wrong type, or a value the
+        world or training config refuses (their own messages).
+    """
+    cfg = load_flat_config(RunConfig, path, overrides)
     cfg.world()  # checks concepts, styles, size and the data packages now, not after training
     return cfg

@@ -20,6 +20,7 @@ from bridge.realworld.concepts import STYLE_PHRASES, TEMPLATES, Concept, find_co
 
 __all__ = [
     "BINNINGS",
+    "DEFAULT_TASK_KINDS",
     "FULL",
     "LORA",
     "PROMPT_GROUPS",
@@ -40,6 +41,14 @@ PROMPT_GROUPS: tuple[str, ...] = ("erased", "synonyms", "others")
 BINNINGS: tuple[str, ...] = ("width", "quantile")
 #: The paper's tasks, with the testbed's analogue in the comment of :func:`default_tasks`.
 TASK_KINDS: tuple[str, ...] = ("object", "style", "character", "unsafe", "identity")
+#: The testbed's task names and the paper's task each one stands for (:func:`default_tasks`).
+DEFAULT_TASK_KINDS: dict[str, str] = {
+    "ship": "object",
+    "Santa Claus": "character",
+    "pistol": "unsafe",
+    "Statue of Liberty": "identity",
+    STYLE_PHRASES["openmoji"]: "style",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,13 +150,8 @@ def default_tasks(concepts: Sequence[str], templates: Sequence[str] = TEMPLATES)
     pool = [find_concept(n) for n in concepts]
     names = {c.name for c in pool}
     tasks = {}
-    for kind, target in (
-        ("object", "ship"),
-        ("character", "Santa Claus"),
-        ("unsafe", "pistol"),
-        ("identity", "Statue of Liberty"),
-    ):
-        if target in names:
+    for target, kind in DEFAULT_TASK_KINDS.items():
+        if kind != "style" and target in names:
             tasks[target] = _concept_task(target, kind, find_concept(target), pool, templates)
     om, noto = STYLE_PHRASES["openmoji"], STYLE_PHRASES["noto"]
     style_synonyms = ("the OpenMoji emoji style", "OpenMoji artwork", "the style of OpenMoji")

@@ -3,7 +3,7 @@
 As SD conditions its UNet on CLIP's token states (77 x 768, padded), the testbed conditions on
 MiniLM's last hidden states, ``max_length`` x 384, padded with ``[PAD]``: the padding positions
 see the prompt through attention, as SD's positions after ``<eos>`` do. The encoder never
-trains. :class:`MiniLMEncoder` has the interface of :class:`bridge.tiny.TextEncoder`
+trains. :class:`MiniLMEncoder` has the interface of :class:`bridge.sd.TextEncoder`
 (``tokenizer``, ``model``, ``encode_prompts``), so UCE, ESD, MACE and fine-tuning use it as is.
 Sentence similarity is the mean-pooled cosine that sentence-transformers trained it for.
 """

@@ -13,7 +13,7 @@ Run folder layout::
     run/classifier.pt, classifier.json
     run/unlearned/<method>/   unlearned pipelines with manifest.json
     run/predict/<method>.json predicted and measured readouts over (lr, step), spectrum
-    run/adamw/<method>/       realistic fine-tuning (checkpoint.pt, history.json)
+    run/adamw/<method>-<cfg>/ realistic fine-tuning (checkpoint.pt, history.json; <cfg>: digest)
     run/presence.json         presence before / after unlearning
     run/results.nc, results.json, manifest.json
 """

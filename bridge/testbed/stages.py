@@ -15,7 +15,7 @@ import torch
 
 from theory._atomic import atomic_directory, atomic_write, atomic_write_json
 
-__all__ = ["Stages", "adamw_history", "gd_history", "log"]
+__all__ = ["Stages", "adamw_config", "adamw_history", "log"]
 
 
 def log(msg: str) -> None:
@@ -37,7 +37,7 @@ class Stages:
     # ---- stage 1: pretrain -------------------------------------------------------------
     def base(self):
         from bridge.testbed.train import ModelConfig, pretrain
-        from bridge.tiny import load_tiny_pipeline
+        from bridge.sd import load_pipeline
 
         folder = self.run / "base"
         if not _done(folder / "done.json"):
@@ -61,7 +61,7 @@ class Stages:
             )
             self.timings["pretrain_s"] = time.time() - t0
             atomic_write_json(folder / "done.json", {"wall_s": self.timings["pretrain_s"]})
-        return load_tiny_pipeline(folder)
+        return load_pipeline(folder)
 
     # ---- stage 2: classifier -----------------------------------------------------------
     def classifier(self):
@@ -201,60 +201,35 @@ class Stages:
         return load_unlearned(base, folder)
 
 
-def gd_history(st: Stages, method, k, lr, base, unet, batches, forget, scheduler, presence):
-    from bridge.finetune import FinetuneConfig, FinetuneData, finetune
+def adamw_config(cfg, method: str):
+    """The realistic fine-tuning of the demo: AdamW on the whole UNet, rho tracked over the
+    group ``method`` edits (:func:`bridge.hygiene.method_group`: ESD-u edits no cross-attention
+    K/V, so a K/V measured group would have delta = 0 there)."""
+    from bridge.finetune import FinetuneConfig
+    from bridge.hygiene import method_group
 
-    cfg = st.cfg
-    ft = FinetuneConfig(
-        steps=cfg.gd_steps,
-        lr=lr,
-        optimizer="sgd",
-        trainable="cross-attn-kv",
-        measured_group="cross-attn-kv",
-        full_batch=True,
-        track_every=max(cfg.gd_steps // 4, 1),
-        checkpoint_every=max(cfg.gd_steps // 4, 1),
-        seed=cfg.seed,
-    )
-    folder = st.run / "gd" / method / f"lr{k}"
-    if _done(folder / "history.json"):
-        return json.loads((folder / "history.json").read_text())
-    log(f"measured GD fine-tuning ({method}, lr={lr:.4g})")
-    t0 = time.time()
-    data = FinetuneData(probe_batches=batches)
-    res = finetune(
-        unet,
-        data,
-        ft,
-        scheduler=scheduler,
-        base_unet=base,
-        forget_batches=forget,
-        presence=presence,
-        out_dir=folder,
-        progress=st.progress,
-    )
-    st.timings[f"gd_{method}_lr{k}_s"] = time.time() - t0
-    return res.history
-
-
-def adamw_history(
-    st: Stages, method, base, unet, images, embeds, null, forget, scheduler, presence
-):
-    from bridge.finetune import FinetuneConfig, FinetuneData, finetune
-
-    cfg = st.cfg
-    ft = FinetuneConfig(
+    return FinetuneConfig(
         steps=cfg.adamw_steps,
         lr=cfg.adamw_lr,
         optimizer="adamw",
         batch_size=cfg.adamw_batch,
         trainable="all",
+        measured_group=method_group(method),
         track_every=cfg.track_every,
         checkpoint_every=cfg.track_every,
         p_null=cfg.p_null,
         seed=cfg.seed,
     )
-    folder = st.run / "adamw" / method
+
+
+def adamw_history(
+    st: Stages, method, base, unet, images, embeds, null, forget, scheduler, presence
+):
+    from bridge.finetune import FinetuneData, finetune
+
+    ft = adamw_config(st.cfg, method)
+    # The config's digest names the folder: a run of another config (e.g. group) is never reused.
+    folder = st.run / "adamw" / f"{method}-{ft.digest()[:8]}"
     if _done(folder / "history.json") and (folder / "unet").is_dir():  # unet/: written last
         return json.loads((folder / "history.json").read_text())
     log(f"AdamW fine-tuning of the whole UNet ({method})")

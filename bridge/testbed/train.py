@@ -40,12 +40,12 @@ def build_world_model(world: ConceptWorld, cfg: ModelConfig = ModelConfig()):
 
     Returns:
       ``(unet, text_encoder, scheduler)``: ``UNet2DConditionModel``,
-      :class:`bridge.tiny.TextEncoder`,
+      :class:`bridge.sd.TextEncoder`,
       ``DDPMScheduler`` (SD's scaled-linear schedule).
     """
+    from bridge.sd import TextEncoder
     from bridge.tiny import (
         DEFAULT_VOCAB,
-        TextEncoder,
         build_tiny_text_encoder,
         build_tiny_unet,
         build_word_tokenizer,

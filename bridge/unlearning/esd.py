@@ -79,7 +79,7 @@ def esd(
     cross-attention parameters (ESD-x), ``"u"`` every non-cross-attention layer (ESD-u).
 
     Args:
-      unet: base UNet (not modified). text_encoder: :class:`bridge.tiny.TextEncoder`.
+      unet: base UNet (not modified). text_encoder: :class:`bridge.sd.TextEncoder`.
       scheduler: training scheduler (its config builds the DDIM sampler).
       concepts: prompts to erase (one drawn per batch element; several at once allowed).
       variant: ``"x"`` or ``"u"``. steps, lr: Adam. guidance: negative guidance g.

@@ -118,7 +118,7 @@ def uce_token_embeddings(
     the UNet still attends to the unedited earlier tokens.
 
     Args:
-      text_encoder: :class:`bridge.tiny.TextEncoder` (tokenizer + CLIP text model).
+      text_encoder: :class:`bridge.sd.TextEncoder` (tokenizer + CLIP text model).
       erase: erased prompts (at least one). anchors: one anchor per erased prompt (default:
         the empty prompt, UCE's default). preserve: prompts whose outputs must not move.
 

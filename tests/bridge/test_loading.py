@@ -11,13 +11,11 @@ from safetensors.torch import save_file
 
 from bridge.groups import PRESETS, select_group
 from bridge.loading import load_unet, load_unlearned_unet
+from bridge.sd import TextEncoder, load_pipeline, load_text_encoder
 from bridge.tiny import (
-    TextEncoder,
     build_tiny_text_encoder,
     build_tiny_unet,
     build_word_tokenizer,
-    load_text_encoder,
-    load_tiny_pipeline,
     save_tiny_pipeline,
 )
 
@@ -41,7 +39,7 @@ def _same(a, b):
 
 def test_pipeline_round_trip(saved):
     folder, unet, text = saved
-    pipe = load_tiny_pipeline(folder)
+    pipe = load_pipeline(folder)
     assert _same(pipe.unet, unet)
     assert _same(load_unet(folder / "unet"), unet)  # UNet folder or pipeline folder
     prompts = ["a photo of a cat", "unknownword dog", ""]

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+from typer.testing import CliRunner
 
 from bridge.realworld.world import RealWorld
 
@@ -28,3 +31,31 @@ def minilm():
     from bridge.realworld.text import load_minilm
 
     return load_minilm(max_length=16)
+
+
+#: A tiny training run (seconds): the bundle, CLI and experiment tests share.
+TINY = [
+    "concepts=['dog', 'cat', 'pistol']",
+    "size=16",
+    "steps=3",
+    "checkpoint_every=2",
+    "block_out_channels=[8, 16, 32]",
+    "attention_head_dim=2",
+    "classifier_steps=5",
+    "classifier_per_pair=2",
+    "classifier_width=8",
+]
+
+
+def _sets(items):
+    return [arg for item in items for arg in ("--set", item)]
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    from experiments.cli_bridge_realworld import realworld_app
+
+    out = tmp_path_factory.mktemp("realworld") / "model"
+    res = CliRunner().invoke(realworld_app, ["train", "--out", str(out), *_sets(TINY)])
+    assert res.exit_code == 0, res.output
+    return out, json.loads(res.output[res.output.index("{") :])

@@ -13,33 +13,9 @@ from bridge.realworld.bundle import load_model
 from bridge.realworld.fingerprints import FingerprintError, verify_fingerprints
 from experiments.cli_bridge_realworld import realworld_app
 from tests.bridge_realworld._noto import requires_noto
+from tests.bridge_realworld.conftest import TINY, _sets
 
 pytestmark = requires_noto  # the tiny run trains on both styles
-
-TINY = [
-    "concepts=['dog', 'cat', 'pistol']",
-    "size=16",
-    "steps=3",
-    "checkpoint_every=2",
-    "block_out_channels=[8, 16, 32]",
-    "attention_head_dim=2",
-    "classifier_steps=5",
-    "classifier_per_pair=2",
-    "classifier_width=8",
-]
-
-
-def _sets(items):
-    return [arg for item in items for arg in ("--set", item)]
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    out = tmp_path_factory.mktemp("realworld") / "model"
-    res = CliRunner().invoke(realworld_app, ["train", "--out", str(out), *_sets(TINY)])
-    assert res.exit_code == 0, res.output
-    return out, json.loads(res.output[res.output.index("{") :])
-
 
 def test_train_saves_a_verified_bundle(trained):
     out, summary = trained

@@ -19,7 +19,7 @@ from bridge.presence import classifier_presence
 from bridge.testbed.classifier import train_classifier
 from bridge.testbed.train import ModelConfig, pretrain
 from bridge.testbed.world import ConceptWorld
-from bridge.tiny import load_tiny_pipeline
+from bridge.sd import load_pipeline
 from bridge.unlearn_io import load_unlearned, save_unlearned
 from bridge.unlearning.data import UnlearningData
 from bridge.unlearning.mace import MaceConcept
@@ -67,7 +67,7 @@ def test_every_method_has_a_testbed_row():
 def testbed(tmp_path_factory):
     folder = tmp_path_factory.mktemp("circles")
     pretrain(CIRCLES, folder, cfg=MODEL, steps=400, batch_size=32, lr=1e-2, progress=False)
-    pipe = load_tiny_pipeline(folder)
+    pipe = load_pipeline(folder)
     clf = train_classifier(CIRCLES, steps=150, heldout=256).model
     text, sched = pipe.text_encoder, pipe.scheduler
 

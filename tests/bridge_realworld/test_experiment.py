@@ -1,0 +1,200 @@
+"""The resurgence experiment on a tiny trained bundle: numbers, resume, claims, bad input."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+from typer.testing import CliRunner
+
+from bridge.realworld.claims import claims, recoveries
+from bridge.realworld.experiment import ExperimentConfig, run_experiment
+from bridge.realworld.table import ResultsTable
+from experiments.cli_bridge_realworld import realworld_app
+from tests.bridge_realworld._noto import requires_noto
+
+SMALL_RUN = dict(
+    tasks=("pistol",),
+    methods=("uce",),
+    recipes=("lora",),
+    finetune_steps=2,
+    checkpoint_every=1,
+    batch_size=2,
+    n_bins=2,
+    binning="quantile",
+    seeds_per_prompt=1,
+    eval_seeds=2,
+    eval_prompts=2,
+    sample_steps=2,
+)
+
+
+@pytest.fixture(scope="module")
+def model(trained):
+    from bridge.realworld.bundle import load_model
+
+    return load_model(trained[0])
+
+
+@pytest.fixture(scope="module")
+def finished(model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("experiment")
+    run_experiment(model, ExperimentConfig(**SMALL_RUN), out, progress=False)
+    return out, ResultsTable.read_csv(out / "results.csv")
+
+
+def _value(table, **where):
+    hits = [r for r in table.rows if all(r[k] == v for k, v in where.items())]
+    assert len(hits) == 1, where
+    return float(hits[0]["value"])
+
+
+@requires_noto
+def test_base_presence_is_the_classifier_mean_on_the_protocols_seeds(model, finished):
+    from bridge.generate import ddim_sample
+    from bridge.realworld.protocol import Protocol, default_tasks
+
+    _, table = finished
+    task = default_tasks(model.world.concepts)["pistol"]
+    prompts = list(task.erased[:2])
+    seeds = Protocol().eval_seeds(2)
+    emb = model.text.encode_prompts(prompts + [""]).detach()
+    images = ddim_sample(
+        model.unet,
+        emb[:-1].repeat_interleave(2, 0),
+        emb[-1:],
+        scheduler=model.scheduler,
+        seeds=[s for _ in prompts for s in seeds],
+        steps=2,
+    )
+    probs = model.presence.probabilities(images).detach()
+    k = model.world.concepts.index("pistol")
+    got = _value(table, type="base", prompts="erased", metric="presence")
+    assert got == pytest.approx(float(probs[:, k].mean()), abs=1e-6)
+    top1 = _value(table, type="base", prompts="erased", metric="top1")
+    assert top1 == pytest.approx(float((probs.argmax(-1) == k).float().mean()))
+
+
+@requires_noto
+def test_the_table_has_every_checkpoint_and_rho_starts_at_zero(finished):
+    _, table = finished
+    fine = [r for r in table.rows if r["finetune_algo"] == "lora"]
+    assert {r["finetune_set"] for r in fine} == {"bin0", "bin1"}
+    assert {r["type"] for r in fine} == {"step=0", "step=1", "step=2"}
+    for b in ("bin0", "bin1"):
+        rho0 = _value(table, finetune_set=b, type="step=0", metric="rho")
+        assert rho0 == 0.0  # the tracker starts at theta_u exactly
+        # step 0 of fine-tuning IS the unlearned model: same seeds, same presence
+        assert _value(table, finetune_set=b, type="step=0", prompts="erased", metric="presence") == (
+            pytest.approx(
+                _value(table, type="unlearned", prompts="erased", metric="presence"), abs=1e-6
+            )
+        )
+
+
+@requires_noto
+def test_an_interrupted_experiment_resumes_to_the_same_table(model, finished, tmp_path, monkeypatch):
+    import bridge.realworld.experiment as exp
+
+    real, calls = exp._finetune, []
+
+    def crash_on_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # a user's Ctrl-C in the middle of the second unit
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(exp, "_finetune", crash_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(model, ExperimentConfig(**SMALL_RUN), tmp_path, progress=False)
+    monkeypatch.setattr(exp, "_finetune", real)
+    partial = ResultsTable.read_csv(tmp_path / "results.csv")
+    assert 0 < len(partial) < len(finished[1])
+    run_experiment(model, ExperimentConfig(**SMALL_RUN), tmp_path, progress=False)
+    assert ResultsTable.read_csv(tmp_path / "results.csv").rows == finished[1].rows
+
+
+def _table(final_by_bin, *, unlearned=0.1, synonyms_shift=0.0, others=0.0, lam_effect=None):
+    rows = []
+
+    def add(**kw):
+        rows.append(dict(seed=1337, **kw))
+
+    for task in ("ship", "Statue of Liberty"):
+        add(algo="base", task=task, config="none", finetune_algo="none", finetune_set="none",
+            prompts="erased", type="base", metric="presence", value=0.95)
+        lams = (0.1, 1.0) if lam_effect else (0.1,)
+        for lam in lams:
+            config = f"lam={lam:g}"
+            bump = lam_effect[task] if lam_effect and lam == 1.0 else 0.0
+            for group, shift in (("erased", 0.0), ("synonyms", synonyms_shift), ("others", None)):
+                head = dict(algo="uce", task=task, config=config, prompts=group, metric="presence")
+                add(**head, finetune_algo="none", finetune_set="none", type="unlearned",
+                    value=unlearned)
+                for algo in ("lora", "full"):
+                    for b, final in enumerate(final_by_bin):
+                        value = unlearned + others if shift is None else final + shift + bump
+                        add(**head, finetune_algo=algo, finetune_set=f"bin{b}", type="step=0",
+                            value=unlearned)
+                        add(**head, finetune_algo=algo, finetune_set=f"bin{b}", type="step=10",
+                            value=value)
+    return ResultsTable(rows)
+
+
+def test_claims_read_the_numbers_of_the_table():
+    table = _table([0.2, 0.3, 0.4, 0.5], others=0.03, lam_effect={"Statue of Liberty": 0.2,
+                                                                  "ship": 0.0})
+    rec = recoveries(table)
+    assert rec[("ship", "uce", "lam=0.1", "lora", "bin3")] == pytest.approx((0.1, 0.5, 0.4))
+    found = {c["claim"][:3]: c for c in claims(table)}
+    assert found["(a)"]["verdict"] == "reproduced"
+    # mean over bins 0.1..0.4 = 0.25 for lam 0.1, 0.25 + 0.2 for the identity's lam 1 runs
+    assert found["(a)"]["numbers"]["mean_recovery"] == pytest.approx((0.25 * 3 + 0.45) / 4)
+    assert found["(b)"]["numbers"]["mean_spearman_bin_vs_recovery"] == pytest.approx(1.0)
+    assert found["(c)"]["verdict"] == "reproduced"
+    assert found["(d)"]["verdict"] == "reproduced"
+    assert found["(d)"]["numbers"]["identity"] == pytest.approx(0.2)
+    assert found["(e)"]["numbers"]["mean_incidental_recovery"] == pytest.approx(0.03)
+    assert found["(f)"]["verdict"] == "reproduced"
+
+
+def test_claims_refute_what_the_table_contradicts():
+    table = _table([0.5, 0.4, 0.3, 0.2], unlearned=0.5, synonyms_shift=-0.3)
+    found = {c["claim"][:3]: c for c in claims(table)}
+    assert found["(a)"]["verdict"] == "refuted"  # presence FELL during fine-tuning
+    assert found["(b)"]["numbers"]["mean_spearman_bin_vs_recovery"] == pytest.approx(-1.0)
+    assert found["(b)"]["verdict"] == "refuted"
+    assert found["(d)"]["verdict"] == "untested"  # one lambda only
+    assert found["(e)"]["verdict"] == "refuted"
+    assert found["(f)"]["verdict"] == "refuted" and not math.isnan(
+        found["(f)"]["numbers"]["pearson_erased_vs_synonyms"]
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--set", "tasks=['unicorn']"], "task 'unicorn' is not a task of this world"),
+        (["--set", "recipes=['sgd']"], "`recipes` has 'sgd'; use 'lora' and/or 'full'."),
+        (["--set", "full_ema=1.5"], "`full_ema` must be in [0, 1)"),
+        (["--set", "methods=[]"], "`methods` is empty"),
+        (["--set", "finetune_step=3"], "unknown key `finetune_step`"),
+    ],
+)
+@requires_noto
+def test_bad_experiment_input_is_one_line(trained, tmp_path, args, message):
+    res = CliRunner().invoke(
+        realworld_app, ["experiment", "--model", str(trained[0]), "--out", str(tmp_path), *args]
+    )
+    assert res.exit_code == 2, res.output
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], res.output
+
+
+def test_a_folder_that_is_not_a_model_is_refused(tmp_path):
+    res = CliRunner().invoke(realworld_app, ["experiment", "--model", str(tmp_path)])
+    assert res.exit_code == 2
+    assert re.search("is not a trained model folder", res.output) and len(
+        res.output.strip().splitlines()
+    ) == 1
