@@ -242,8 +242,12 @@ def _report(out: Path) -> dict:
 @one_line_errors
 def experiment(
     model: Annotated[
-        Path, typer.Option("--model", help="Model folder written by `train` (fingerprints checked).")
-    ] = Path("runs/realworld/model"),
+        Path | None,
+        typer.Option(
+            "--model",
+            help="Model folder written by `train` (fingerprints checked); default: the shipped one.",
+        ),
+    ] = None,
     out: Annotated[
         Path, typer.Option("--out", help="Run folder (a rerun resumes finished units).")
     ] = Path("runs/realworld/experiment"),
@@ -261,7 +265,10 @@ def experiment(
     from bridge.realworld.experiment import check_tasks, run_experiment
     from experiments.manifest import write_manifest
 
+    from bridge.realworld.bundle import SHIPPED_MODEL
+
     cfg = _experiment_config(config, set_)
+    model = model or SHIPPED_MODEL
     if not (model / "fingerprints.json").is_file():
         raise check.UsageError(
             f"`--model` {check.quote(model)} is not a trained model folder (no fingerprints.json); "

@@ -17,6 +17,29 @@ from experiments import _validate as check
 from experiments._validate import blame, one_line_errors
 
 
+def _recorded_edit(unlearned: Path) -> tuple[str | None, str | None]:
+    """(method, edited group) from the manifest.json `resurgence bridge unlearn` wrote next to
+    ``unlearned`` (the pipeline folder, or the parent of its unet/), else (None, None)."""
+    from bridge.hygiene import method_group
+
+    found = [unlearned / "manifest.json"]
+    if unlearned.name == "unet":
+        found.append(unlearned.parent / "manifest.json")
+    for path in found:
+        if not path.is_file():
+            continue
+        try:
+            manifest = json.loads(path.read_text())
+            method = manifest.get("method")
+            group = (manifest.get("args") or {}).get("edited_group")
+            if method is not None and group is None:
+                group = method_group(method)
+        except (OSError, ValueError, AttributeError):  # not ours: the loader judges the folder
+            return None, None
+        return method, group
+    return None, None
+
+
 def _scheduler(folder: Path):
     """The training scheduler saved in ``folder/scheduler/`` (its class named in the config)."""
     import diffusers
@@ -74,6 +97,14 @@ def finetune(
     ] = 8,
     seed: Annotated[int, typer.Option("--seed", help="Seed of minibatches, timesteps, noise.")] = 0,
     device: Annotated[str, typer.Option("--device", help="torch device.")] = "cpu",
+    measured_group: Annotated[
+        str | None,
+        typer.Option(
+            "--measured-group",
+            help="Group over which rho is measured (preset or regex; default: the group of the "
+            "method in --unlearned's manifest.json, else cross-attn-kv). Must cover the edit.",
+        ),
+    ] = None,
     schedule: Annotated[
         str, typer.Option("--schedule", help="Learning-rate schedule: constant or cosine (to 0).")
     ] = "constant",
@@ -105,6 +136,9 @@ def finetune(
     --guard forget-subspace projects every update off the gradients of output_rho and
     forget_loss_recovery of each --forget-prompt (its synonyms: repeat the option), re-estimated
     every --guard-refresh steps; the share of each update it removed is in history.json.
+
+    --measured-group must hold every tensor the unlearning edited (ESD-u edits no cross-attention:
+    its manifest's group, non-cross-attn, is the default); a group that misses the edit is refused.
 
     Every argument is checked before any weights load; a bad one exits with code 2 and one line."""
     check.at_least("--steps", steps, 0)
@@ -146,6 +180,7 @@ def finetune(
         schedule=schedule,
         grad_clip=grad_clip,
         ema_decay=ema_decay,
+        measured_group=measured_group or "cross-attn-kv",
     )
     unet_dir = check.unet_folder("--base", base)
     check.pipeline_parts(
@@ -154,8 +189,12 @@ def finetune(
         {"text_encoder": "config.json", "tokenizer": None, "scheduler": "scheduler_config.json"},
     )
     check.unlearned_weights("--unlearned", unlearned)
+    method, recorded_group = _recorded_edit(unlearned)
+    if measured_group is None and recorded_group is not None:
+        cfg = dataclasses.replace(cfg, measured_group=recorded_group)
     check.caption_folder("--data", data)
     check.parameter_group("--trainable", trainable, unet_dir, extra=("lora",))
+    check.parameter_group("--measured-group", cfg.measured_group, unet_dir)
     if clip_weights is not None and not clip_weights.is_file():
         raise check.UsageError(
             f"`--clip-weights` {check.quote(clip_weights)} is not a file; give the local open_clip "
@@ -174,7 +213,15 @@ def finetune(
         base_unet = load_unet(base, device=device)
     with blame("--unlearned", unlearned):
         theta_u = load_unlearned(base_unet, unlearned).to(device)
-    check.nonzero_displacement("--unlearned", unlearned, base_unet, theta_u, cfg.measured_group)
+    from bridge.hygiene import check_group_covers_edit, edited_tensors
+
+    if not edited_tensors(base_unet, theta_u):  # the base's own weights: nothing was unlearned
+        check.nonzero_displacement("--unlearned", unlearned, base_unet, theta_u, cfg.measured_group)
+    try:  # the readouts put theta_0 back on the measured group: it must hold the whole edit
+        check_group_covers_edit(base_unet, theta_u, cfg.measured_group, method=method)
+    except ValueError as err:
+        group = check.quote(cfg.measured_group)
+        raise check.UsageError(f"`--measured-group` {group}: {err}") from None
     dtype = next(base_unet.parameters()).dtype
     with blame("--data", data):
         if (base / "vae").is_dir():  # real SD: VAE-encode (resized to the model's resolution)

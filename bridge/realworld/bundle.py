@@ -33,7 +33,18 @@ from bridge.realworld.text import MiniLMEncoder, load_minilm
 from bridge.realworld.world import Augmentation, RealWorld
 from bridge.testbed.classifier import ConceptClassifier
 
-__all__ = ["RealWorldModel", "load_model", "save_model", "world_from_dict", "world_to_dict"]
+__all__ = [
+    "SHIPPED_MODEL",
+    "RealWorldModel",
+    "load_model",
+    "save_model",
+    "world_from_dict",
+    "world_to_dict",
+]
+
+#: The trained testbed shipped with the package (``resurgence bridge realworld train`` with the
+#: default config; weights derive from OpenMoji's CC BY-SA 4.0 drawings, see ATTRIBUTION.txt).
+SHIPPED_MODEL = Path(__file__).resolve().parent / "weights"
 
 
 def world_to_dict(world: RealWorld) -> dict[str, Any]:
@@ -131,7 +142,7 @@ def save_model(
     Returns:
       The path of ``fingerprints.json``.
     """
-    out = Path(out_dir)
+    out = Path(out_dir).resolve()  # the files below are then absolute, whatever the cwd
     files = [
         p for sub in ("unet", "scheduler") for p in sorted((out / sub).glob("*")) if p.is_file()
     ]

@@ -55,7 +55,14 @@ def _sets(items):
 def trained(tmp_path_factory):
     from experiments.cli_bridge_realworld import realworld_app
 
-    out = tmp_path_factory.mktemp("realworld") / "model"
-    res = CliRunner().invoke(realworld_app, ["train", "--out", str(out), *_sets(TINY)])
+    import os
+
+    root = tmp_path_factory.mktemp("realworld")
+    out, cwd = root / "model", os.getcwd()
+    os.chdir(root)  # a RELATIVE --out, as users type it (fingerprints once broke on it)
+    try:
+        res = CliRunner().invoke(realworld_app, ["train", "--out", "model", *_sets(TINY)])
+    finally:
+        os.chdir(cwd)
     assert res.exit_code == 0, res.output
     return out, json.loads(res.output[res.output.index("{") :])
