@@ -28,9 +28,11 @@ $(STAMP): pyproject.toml constraints.txt
 	  echo "fonts-noto-color-emoji is not installed: the realworld testbed's noto style needs 'apt-get install fonts-noto-color-emoji' (as root) or RESURGENCE_NOTO_FONT=/path/NotoColorEmoji.ttf"
 	touch $(STAMP)
 
-# Main job: every theory figure + the tiny CPU bridge testbed, on the embedded default configs.
+# Main job: every theory figure + the tiny CPU bridge testbed, on the embedded default configs,
+# then a slice of the real-image resurgence experiment on the shipped model (runs/realworld/demo).
 demo: $(STAMP)
 	$(BIN)/resurgence figures --bridge-demo
+	$(BIN)/resurgence bridge realworld experiment --config experiments/configs/realworld_demo.toml --out runs/realworld/demo
 
 # Theory figures only (about a minute).
 figures: $(STAMP)

@@ -33,7 +33,10 @@ class Bench:
 
 BENCHES: dict[str, Bench] = {
     "theory": Bench("benchmarks.bench_theory", ()),  # 1e5 law evaluations take < 1 s
-    "sweep": Bench("benchmarks.bench_sweep", ("--configs", "200", "--skip-figures")),
+    "sweep": Bench(
+        "benchmarks.bench_sweep",
+        ("--configs", "500", "--lrs", "50", "--engine-problems", "8", "--skip-figures"),
+    ),
     "bridge-curvature": Bench("benchmarks.bench_bridge_curvature", ()),
     "bridge-testbed": Bench("benchmarks.bench_testbed", ()),
 }
@@ -90,6 +93,55 @@ FIGURES: list[Figure] = [
         "jax_first_call_s (compile+run)",
         "numpy_loop_s",
         "NumPy loop, s",
+        ratio="reference/value",
+    ),
+    Figure(
+        "sweep",
+        "lr x T grid on fixed problems, s",
+        "lr_grid.jax_run_s",
+        "lr_grid.numpy_loop_s",
+        "NumPy loop, s",
+        ratio="reference/value",
+        target=">= 30",
+    ),
+    Figure(
+        "sweep",
+        "lr x T grid vs factored NumPy loop, s",
+        "lr_grid.jax_run_s",
+        "lr_grid.numpy_factored_loop_s",
+        "NumPy loop, eigh once per problem, s",
+        ratio="reference/value",
+    ),
+    Figure(
+        "sweep",
+        "problem-changing axes sweep, s",
+        "problem_axes.sweep_s",
+        "problem_axes.eigh_floor_s",
+        "its eigh alone (LAPACK floor), s",
+        ratio="reference/value",
+        target=">= 0.8",
+    ),
+    Figure(
+        "sweep",
+        "engine: 8-method grid, s per config",
+        "engine.new_8method_grid_per_config_s",
+        "engine.old_8method_grid_per_config_s",
+        "old kernel (all 8 methods each), s",
+        ratio="reference/value",
+    ),
+    Figure(
+        "sweep",
+        "engine: old kernel, 8-method vs 1-method per config",
+        "engine.old_8method_grid_per_config_s",
+        "engine.old_1method_grid_per_config_s",
+        "old kernel, 1 method, s",
+    ),
+    Figure(
+        "sweep",
+        "engine: UCE, 16 lrs per problem, s per config",
+        "engine.uce_16lr_per_config_s",
+        "engine.uce_1lr_per_config_s",
+        "1 lr per problem, s",
         ratio="reference/value",
     ),
     Figure(
@@ -218,6 +270,7 @@ def run_bench(name: str, bench: Bench, full: bool) -> dict:
     """Run one benchmark in a fresh process and return its JSON report (or the error)."""
     args = list(bench.full if full else bench.reduced)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu"}
+    load = os.getloadavg()[0]
     start = time.perf_counter()
     done = subprocess.run(
         [sys.executable, "-m", bench.module, *args],
@@ -232,6 +285,7 @@ def run_bench(name: str, bench: Bench, full: bool) -> dict:
     text = done.stdout[done.stdout.index("{") :]
     report, _ = json.JSONDecoder().raw_decode(text)
     report["_wall_s"] = round(wall, 1)
+    report["_load_1min"] = [round(load, 2), round(os.getloadavg()[0], 2)]
     return report
 
 
@@ -289,6 +343,10 @@ def table(reports: dict[str, dict]) -> list[list[str]]:
         rows.append(
             [name, "benchmark wall time, s", _fmt(report.get("_wall_s")), "-", "-", "-", ""]
         )
+        load = report.get("_load_1min")
+        if load:  # 2 cores shared: a load above 2 slows every figure of this benchmark
+            text = f"{load[0]} / {load[1]}"
+            rows.append([name, "load average (1 min) before / after", text, "-", "-", "-", ""])
         if "error" in report:
             rows.append([name, "ERROR", " ".join(report["error"])[:120], "-", "-", "-", "NO"])
     return rows

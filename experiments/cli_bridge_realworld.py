@@ -221,14 +221,27 @@ def _experiment_config(config: Path | None, set_: list[str] | None):
         raise check.UsageError(f"`--set`: {err}") from None
 
 
-def _report(out: Path) -> dict:
-    """claims.md / claims.json and both figures of a finished (or partial) experiment folder."""
+def _report(folders: list[Path], out: Path) -> dict:
+    """claims.md / claims.json, results.csv and both figures of experiment folders, in ``out``.
+
+    Several folders (e.g. one run per task, run side by side) are merged into one table.
+    """
+    import shutil
+
     from bridge.realworld.claims import claims, claims_markdown
     from bridge.realworld.figures import plot_resurgence_curves, plot_sample_grid
     from bridge.realworld.table import ResultsTable
     from theory._atomic import atomic_write_json, atomic_write_text
 
-    table = ResultsTable.read_csv(out / "results.csv")
+    rows = [r for f in folders for r in ResultsTable.read_csv(f / "results.csv").rows]
+    table = ResultsTable(rows)
+    out.mkdir(parents=True, exist_ok=True)
+    if folders != [out]:
+        table.to_csv(out / "results.csv")
+        for f in folders:
+            for sample in (f / "samples").glob("*.pt"):
+                (out / "samples").mkdir(exist_ok=True)
+                shutil.copy2(sample, out / "samples" / sample.name)
     found = claims(table)
     atomic_write_json(out / "claims.json", found)
     atomic_write_text(out / "claims.md", claims_markdown(found))
@@ -281,7 +294,7 @@ def experiment(
     with blame("--set tasks", list(cfg.tasks)):
         check_tasks(cfg, bundle.world)
     summary = run_experiment(bundle, cfg, out)
-    verdicts = _report(out)
+    verdicts = _report([out], out)
     write_manifest(
         out, config=cfg.to_dict(), seeds={"seed": cfg.seed}, wall_time=time.time() - t0,
         extra={"model": str(model), "summary": summary},
@@ -292,9 +305,18 @@ def experiment(
 @realworld_app.command("report")
 @one_line_errors
 def report(
-    folder: Annotated[Path, typer.Argument(help="Experiment folder with results.csv.")],
+    folders: Annotated[
+        list[Path], typer.Argument(help="Experiment folder(s) with results.csv (merged).")
+    ],
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="Where to write (default: the only FOLDER given)."),
+    ] = None,
 ) -> None:
-    """Recompute claims.md/json and the figures of an experiment folder from its results.csv."""
-    if not (folder / "results.csv").is_file():
-        raise check.UsageError(f"FOLDER {check.quote(folder)} has no results.csv.")
-    typer.echo(json.dumps(_report(folder), indent=1))
+    """Recompute claims.md/json and the figures from results.csv; merge several folders."""
+    for folder in folders:
+        if not (folder / "results.csv").is_file():
+            raise check.UsageError(f"FOLDER {check.quote(folder)} has no results.csv.")
+    if out is None and len(folders) > 1:
+        raise check.UsageError("give `--out` to merge several folders.")
+    typer.echo(json.dumps(_report(list(folders), out or folders[0]), indent=1))

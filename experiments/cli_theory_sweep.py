@@ -24,7 +24,9 @@ def sweep(
     ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
-    """Run CONFIG over its grid (one compiled, vmapped function per group; all JAX devices).
+    """Run CONFIG over its grid (one compiled, vmapped function per size group and code variant:
+    method x optimizer x erased count; each problem prepared once for all its learning rates;
+    all JAX devices).
 
     An interrupted run restarted with the same command continues from its finished chunks.
     """

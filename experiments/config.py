@@ -56,8 +56,8 @@ class ParamSpec:
     """Type, allowed range and meaning of one parameter.
 
     ``static`` parameters change array shapes (an outer loop over groups); ``indexed`` ones are code
-    choices computed side by side and selected by a traced index; the rest are traced scalars.
-    Only static parameters cost an extra compilation per value.
+    choices (one compiled variant per value, dispatched at trace time, so a configuration runs
+    only its own); the rest are traced scalars.
     """
 
     kind: type

@@ -1,16 +1,24 @@
 """Run a sweep config: vmapped, sharded over devices, chunked, resumable, with a manifest.
 
-The grid splits into *groups* (one per combination of static parameters: sizes, method,
-optimizer) and, inside a group, a flat list of configurations of the traced knobs. Each group is
-one ``jax.jit(jax.vmap(run_scenario))`` compiled once; the configurations go through it in
-chunks of a fixed size (the last one padded), sharded over a 1-D device mesh on the
-configuration axis. Every finished chunk is saved to ``OUT/chunks/`` before the next starts, so a
-rerun after an interruption skips it and the assembled results are identical. Every file is
-written atomically (:mod:`theory._atomic`), so a chunk that exists is complete even after kill -9.
+The grid splits into *groups* (one per combination of static parameters: sizes, fine-tuning set)
+and each group into *variants* (one per code choice: method, optimizer, number of erased
+concepts), so a configuration runs only its own code (trace-time dispatch). Inside a variant the
+configurations factor into distinct *problems* (every knob but lr) times the learning rates. Two
+jitted stages do the work: :func:`theory.sweep.prepare_grid` (compiled per method and erased
+count) prepares each problem once (unlearning, Hessian eigendecomposition), shared by the
+variants that differ only in the optimizer; :func:`theory.sweep.observe_grid` (compiled per
+optimizer) evaluates every lr from it. A chunk is a fixed number of problems (the last one
+padded) with all their learning rates, sharded over a 1-D device mesh on the problem axis; the
+results are scattered back to the grid's order. Every finished chunk is saved to ``OUT/chunks/``
+before the next starts, so a rerun after an interruption skips it and the assembled results are
+identical. Every file is written atomically (:mod:`theory._atomic`), so a chunk that exists is
+complete even after kill -9.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import itertools
 import os
 import shutil
@@ -26,7 +34,7 @@ from experiments.manifest import write_manifest
 from theory._atomic import atomic_write, remove_partial_writes
 from theory._backend import init_backend_without_lapack_deadlock
 
-__all__ = ["run_sweep", "RESULTS_NAME", "group_grid", "enable_compilation_cache"]
+__all__ = ["run_sweep", "RESULTS_NAME", "SweepPlan", "sweep_plan", "enable_compilation_cache"]
 
 RESULTS_NAME = "results.nc"
 CONFIG_NAME = "config.toml"
@@ -46,13 +54,9 @@ _EXTRA_DIMS = {
     "principal_angles": ("forget_direction",),
 }
 
-
-# Indexed parameters: the tuple of ScenarioStatic listing the variants, and the index knob.
-_INDEXED = {
-    "method": ("methods", "method_index"),
-    "optimizer": ("optimizers", "optimizer_index"),
-    "num_erased": ("erased_counts", "num_erased_index"),
-}
+# Code choices: one compiled function (a variant) per value; ScenarioStatic field names.
+_VARIANT_PARAMS = ("method", "optimizer", "num_erased")
+_LAW_PARAM = "lr"
 
 
 def enable_compilation_cache(folder=None) -> None:
@@ -69,66 +73,138 @@ def enable_compilation_cache(folder=None) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
-def group_grid(config: SweepConfig):
-    """(static axis names, their value tuples per group, vmapped axis names, knob arrays).
+@dataclasses.dataclass(frozen=True)
+class SweepPlan:
+    """How a config's grid factors into groups, variants, problems and learning rates.
 
-    The knob arrays hold one entry per configuration (C order over the vmapped axes); an indexed
-    axis (method, optimizer, num_erased) contributes the index of its value.
+    The dataset layout is ``static_axes + dynamic_axes + extra dims``; configurations are numbered
+    in C order over ``dynamic_axes``. ``variants`` lists the method, optimizer and num_erased of
+    each variant (dicts); ``problem_knobs`` holds each :data:`theory.sweep.PROBLEM_KNOBS` knob
+    for every problem ``(P,)``, the same in every variant; ``lrs`` ``(R,)``;
+    ``config_index[v, p, r]`` is the configuration number of variant v, problem p, step size r.
     """
-    from theory.sweep import DYNAMIC_KNOBS, INT_KNOBS
+
+    static_axes: list
+    groups: list
+    dynamic_axes: list
+    variants: list
+    problem_knobs: dict
+    lrs: np.ndarray
+    config_index: np.ndarray
+
+    @property
+    def n_configs(self) -> int:
+        return self.config_index.size
+
+
+def sweep_plan(config: SweepConfig) -> SweepPlan:
+    """Factor the grid of ``config`` (no computation; see :class:`SweepPlan`)."""
+    from theory.sweep import INT_KNOBS, PROBLEM_KNOBS
 
     static_axes = [n for n in config.axes if PARAMS[n].static]
     dynamic_axes = [n for n in config.axes if not PARAMS[n].static]
     groups = list(itertools.product(*(config.axis_values(n) for n in static_axes)))
-    lengths = [len(config.axis_values(n)) for n in dynamic_axes]
+
+    def values(name):
+        return list(config.axis_values(name)) if name in config.axes else [config.value(name)]
+
+    variant_axes = [n for n in dynamic_axes if n in _VARIANT_PARAMS]
+    problem_axes = [n for n in dynamic_axes if n in PROBLEM_KNOBS]
+    # in the order of the axes (C order over the variant axes), as dicts of ScenarioStatic fields
+    variants = [
+        {**{n: config.value(n) for n in _VARIANT_PARAMS}, **dict(zip(variant_axes, v, strict=True))}
+        for v in itertools.product(*(config.axis_values(n) for n in variant_axes))
+    ]
+    # configuration numbers, axes reordered to (variant axes, problem axes, lr)
+    order = variant_axes + problem_axes + [n for n in dynamic_axes if n == _LAW_PARAM]
+    shape = [len(config.axis_values(n)) for n in dynamic_axes]
+    numbers = np.arange(int(np.prod(shape))).reshape(shape)
+    numbers = numbers.transpose([dynamic_axes.index(n) for n in order])
+    n_problems = int(np.prod([len(config.axis_values(n)) for n in problem_axes]))
+    lrs = np.asarray(values(_LAW_PARAM), dtype=np.float64)
+    config_index = numbers.reshape(len(variants), n_problems, lrs.size)
+    lengths = [len(config.axis_values(n)) for n in problem_axes]
     mesh = np.meshgrid(*(np.arange(k) for k in lengths), indexing="ij")
-    size = int(np.prod(lengths))
-    columns = {}
-    for axis, positions in zip(dynamic_axes, mesh, strict=True):
-        flat = positions.reshape(-1)
-        if axis in _INDEXED:
-            columns[_INDEXED[axis][1]] = flat
-        else:
-            columns[axis] = np.asarray(config.axis_values(axis))[flat]
-    knobs = {}
-    for name in DYNAMIC_KNOBS:
+    problem_knobs = {}
+    for name in PROBLEM_KNOBS:
         dtype = np.int64 if name in INT_KNOBS else np.float64
-        default = 0 if name.endswith("_index") else config.value(name)
-        knobs[name] = (
-            columns[name].astype(dtype) if name in columns else np.full(size, default, dtype=dtype)
-        )
-    return static_axes, groups, dynamic_axes, knobs
+        if name in problem_axes:
+            positions = mesh[problem_axes.index(name)].reshape(-1)
+            column = np.asarray(config.axis_values(name))[positions]
+        else:
+            column = np.full(n_problems, config.value(name))
+        problem_knobs[name] = column.astype(dtype)
+    return SweepPlan(
+        static_axes, groups, dynamic_axes, variants, problem_knobs, lrs, config_index
+    )
 
 
-def _static_for(config: SweepConfig, static_axes, values):
+def _static_for(config: SweepConfig, plan: SweepPlan, group: int, variant: int):
     from theory.sweep import ScenarioStatic
 
     fields = {
         f: config.value(f) for f in ("dim", "embed_dim", "num_concepts", "num_levels", "finetune")
     }
-    fields.update(dict(zip(static_axes, values, strict=True)))
-    for param, (field, _) in _INDEXED.items():
-        fields[field] = (
-            tuple(config.axis_values(param)) if param in config.axes else (config.value(param),)
-        )
+    fields.update(dict(zip(plan.static_axes, plan.groups[group], strict=True)))
+    fields.update(plan.variants[variant])
+    max_erased = max(
+        config.axis_values("num_erased") if "num_erased" in config.axes
+        else [config.value("num_erased")]
+    )
     return ScenarioStatic(
-        steps=tuple(config.steps), truncation_ranks=tuple(config.truncation_ranks), **fields
+        steps=tuple(config.steps),
+        truncation_ranks=tuple(config.truncation_ranks),
+        max_erased=max_erased,
+        **fields,
     )
 
 
-def _compiled(static, devices):
-    import jax
+@functools.lru_cache(maxsize=8)
+def _shardings(devices: tuple):
+    """(problem-axis sharding, replicated) on a 1-D mesh over ``devices``."""
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-    from theory.sweep import run_scenario
+    mesh = Mesh(np.asarray(devices), ("config",))
+    return NamedSharding(mesh, PartitionSpec("config")), NamedSharding(mesh, PartitionSpec())
 
-    sharding = NamedSharding(Mesh(np.asarray(devices), ("config",)), PartitionSpec("config"))
-    fn = jax.jit(
-        jax.vmap(lambda knobs: run_scenario(static, knobs)),
-        in_shardings=sharding,
-        out_shardings=sharding,
-    )
-    return fn, sharding
+
+@functools.lru_cache(maxsize=64)
+def _jitted(stage: str, part, devices: tuple):
+    """One jitted stage per (stage, static part, devices), kept across runs in this process."""
+    import jax
+
+    from theory.sweep import observe_grid, prepare_grid
+
+    sharding, replicated = _shardings(devices)
+    if stage == "prepare":
+        fn, shardings = (lambda knobs: prepare_grid(part, knobs)), (sharding,)
+    else:
+        fn = lambda states, lrs: observe_grid(part, states, lrs)  # noqa: E731
+        shardings = (sharding, replicated)
+    return jax.jit(fn, in_shardings=shardings, out_shardings=sharding)
+
+
+class _Compiled:
+    """The two jitted stages of one run, sharded on the problem axis; counts distinct ones."""
+
+    def __init__(self, devices):
+        self.devices = tuple(devices)
+        self.sharding, self.replicated = _shardings(self.devices)
+        self.used = set()
+
+    def prepare(self, static):
+        key = ("prepare", static.for_prepare(), self.devices)
+        self.used.add(key)
+        return _jitted(*key)
+
+    def observe(self, static):
+        key = ("observe", static.for_observables(), self.devices)
+        self.used.add(key)
+        return _jitted(*key)
+
+    @property
+    def count(self) -> int:
+        return len(self.used)
 
 
 def _prepare_folder(out: Path, config: SweepConfig, force: bool) -> None:
@@ -175,40 +251,65 @@ def run_sweep(
     out = Path(out)
     _prepare_folder(out, config, force)
     devices = list(jax.devices() if devices is None else devices)
-    static_axes, groups, dynamic_axes, knobs = group_grid(config)
-    n_configs = len(next(iter(knobs.values())))
+    plan = sweep_plan(config)
+    n_problems, n_lrs = plan.config_index.shape[1:]
     n_dev = len(devices)
-    # chunk_size configurations per device: every device then runs the same program on the same
-    # shapes whatever the device count, so results are bitwise identical on 1 or N devices.
-    chunk = min(config.chunk_size, -(-n_configs // n_dev)) * n_dev
-    n_chunks = -(-n_configs // chunk)
-    todo = [(g, c) for g in range(len(groups)) for c in range(n_chunks)]
-    finished = {(g, c) for g, c in todo if _chunk_done(out, g, c)}
+    # A chunk: the same number of problems per device (all their lrs), about chunk_size
+    # configurations; every device then runs the same program on the same shapes whatever the
+    # device count, so results are identical on 1 or N devices.
+    per_device = min(max(1, config.chunk_size // n_lrs), -(-n_problems // n_dev))
+    chunk = per_device * n_dev
+    n_chunks = -(-n_problems // chunk)
+    todo = [
+        (g, v, c)
+        for g in range(len(plan.groups))
+        for v in range(len(plan.variants))
+        for c in range(n_chunks)
+    ]
+    finished = {key for key in todo if _chunk_done(out, *key)}
     done = resumed = len(finished)
+    compiled = _Compiled(devices)
+    lrs = jax.device_put(plan.lrs, compiled.replicated)
     with tqdm(
         total=len(todo), initial=done, unit="chunk", desc=config.name, disable=not progress
     ) as bar:
-        for g, values in enumerate(groups):
-            missing = [c for c in range(n_chunks) if (g, c) not in finished]
-            if not missing:
-                continue
-            static = _static_for(config, static_axes, values)
-            check_unlearning(
-                static, {k: v[0] for k, v in knobs.items()}
-            )  # eager checks, clear errors
-            fn, sharding = _compiled(static, devices)
-            for c in missing:
-                idx = np.minimum(
-                    np.arange(c * chunk, (c + 1) * chunk), n_configs - 1
-                )  # pad: repeat the last
-                batch = {k: jax.device_put(v[idx], sharding) for k, v in knobs.items()}
-                result = jax.device_get(fn(batch))
-                keep = min(chunk, n_configs - c * chunk)
-                _save_chunk(out, g, c, {k: np.asarray(v)[:keep] for k, v in result.items()})
-                bar.update(1)
-    dataset = _assemble(config, out, static_axes, groups, dynamic_axes, n_chunks)
+        for g in range(len(plan.groups)):
+            statics = [_static_for(config, plan, g, v) for v in range(len(plan.variants))]
+            # variants that share the unlearning (method, erased count) share a prepared chunk
+            shared: dict = {}
+            for v, static in enumerate(statics):
+                shared.setdefault(static.for_prepare(), []).append(v)
+            for part, variants in shared.items():
+                chunks = [
+                    c for c in range(n_chunks) if any((g, v, c) not in finished for v in variants)
+                ]
+                if not chunks:
+                    continue
+                first = {k: col[0] for k, col in plan.problem_knobs.items()}
+                check_unlearning(part, first)  # eager checks, clear errors
+                prepare = compiled.prepare(part)
+                for c in chunks:
+                    # pad: repeat the last problem
+                    idx = np.minimum(np.arange(c * chunk, (c + 1) * chunk), n_problems - 1)
+                    batch = {
+                        k: jax.device_put(col[idx], compiled.sharding)
+                        for k, col in plan.problem_knobs.items()
+                    }
+                    states = prepare(batch)
+                    keep = min(chunk, n_problems - c * chunk)
+                    for v in variants:
+                        if (g, v, c) in finished:
+                            continue
+                        result = jax.device_get(compiled.observe(statics[v])(states, lrs))
+                        flat = {  # (problem, lr) -> configuration rows, problem-major
+                            k: np.asarray(r)[:keep].reshape((keep * n_lrs,) + r.shape[2:])
+                            for k, r in result.items()
+                        }
+                        _save_chunk(out, g, v, c, flat)
+                        bar.update(1)
+    dataset = _assemble(config, out, plan, chunk)
     atomic_write(out / RESULTS_NAME, lambda tmp: dataset.to_netcdf(tmp, engine="h5netcdf"))
-    seeds = sorted({int(s) for s in knobs["seed"]})
+    seeds = sorted({int(s) for s in plan.problem_knobs["seed"]})
     write_manifest(
         out,
         config=config,
@@ -217,7 +318,10 @@ def run_sweep(
         extra={
             "chunks_total": len(todo),
             "chunks_resumed": resumed,
-            "chunk_size": chunk,
+            "chunk_size": chunk * n_lrs,
+            "chunk_problems": chunk,
+            "variants": len(plan.variants) * len(plan.groups),
+            "compiled_functions": compiled.count,
             "devices": [str(d) for d in devices],
             "jax_x64": bool(jax.config.jax_enable_x64),
         },
@@ -225,18 +329,20 @@ def run_sweep(
     return xr.load_dataset(out / RESULTS_NAME, engine="h5netcdf")
 
 
-def _chunk_path(out: Path, group: int, chunk: int) -> Path:
-    return out / "chunks" / f"g{group:03d}_c{chunk:05d}.npz"
+def _chunk_path(out: Path, group: int, variant: int, chunk: int) -> Path:
+    # The variant in the name: chunks of the older layout (g000_c00000.npz, a chunk of
+    # configurations) never match, so a folder from before it is recomputed, not misread.
+    return out / "chunks" / f"g{group:03d}_v{variant:03d}_c{chunk:05d}.npz"
 
 
-def _save_chunk(out: Path, group: int, chunk: int, arrays: dict) -> None:
-    atomic_write(_chunk_path(out, group, chunk), lambda tmp: np.savez(tmp, **arrays))
+def _save_chunk(out: Path, group: int, variant: int, chunk: int, arrays: dict) -> None:
+    atomic_write(_chunk_path(out, group, variant, chunk), lambda tmp: np.savez(tmp, **arrays))
 
 
-def _chunk_done(out: Path, group: int, chunk: int) -> bool:
+def _chunk_done(out: Path, group: int, variant: int, chunk: int) -> bool:
     """True for a finished chunk. Atomic writes make an existing chunk complete; one damaged
     outside this program (a copy cut short) fails to open or lacks arrays, and is recomputed."""
-    path = _chunk_path(out, group, chunk)
+    path = _chunk_path(out, group, variant, chunk)
     if not path.is_file():
         return False
     try:  # opening reads the zip's central directory, stored at the end: a cut file fails here
@@ -259,14 +365,25 @@ def _pad_to(array: np.ndarray, shape) -> np.ndarray:
     return padded
 
 
-def _assemble(config, out, static_axes, groups, dynamic_axes, n_chunks):
+def _assemble(config, out, plan: SweepPlan, chunk: int):
     import xarray as xr
 
+    static_axes, dynamic_axes = plan.static_axes, plan.dynamic_axes
     dyn_shape = [len(config.axis_values(n)) for n in dynamic_axes]
+    n_variants, n_problems, _ = plan.config_index.shape
     per_group = []
-    for g in range(len(groups)):
-        parts = [np.load(_chunk_path(out, g, c)) for c in range(n_chunks)]
-        per_group.append({k: np.concatenate([p[k] for p in parts]) for k in _EXTRA_DIMS})
+    for g in range(len(plan.groups)):
+        arrays = {}
+        for v in range(n_variants):
+            for c in range(-(-n_problems // chunk)):
+                rows = plan.config_index[v, c * chunk : (c + 1) * chunk].reshape(-1)
+                with np.load(_chunk_path(out, g, v, c)) as part:
+                    for k in _EXTRA_DIMS:
+                        if k not in arrays:
+                            shape = (plan.n_configs,) + part[k].shape[1:]
+                            arrays[k] = np.empty(shape, part[k].dtype)
+                        arrays[k][rows] = part[k]
+        per_group.append(arrays)
     data_vars = {}
     for name, extra in _EXTRA_DIMS.items():
         tail = tuple(max(p[name].shape[1 + i] for p in per_group) for i in range(len(extra)))

@@ -4,10 +4,18 @@ A scenario is: a random problem (as :func:`theory.make_problem` draws it from ``
 Bayes-optimal pretrained point theta_0, an unlearning edit erasing the first ``num_erased``
 concepts, benign fine-tuning, and every observable of theory.md section 4 at the requested step
 counts. All knobs in :data:`DYNAMIC_KNOBS` are traced scalars, so ``jax.vmap`` over a grid of them
-compiles once; sizes live in :class:`ScenarioStatic` (a hashable jit-static arg). Code choices
-(unlearning method, optimizer, number of erased concepts) are *indexed*: the static tuple lists the
-variants, every variant is computed, and the traced ``*_index`` knob selects one, so a whole
-method x optimizer grid is still one compiled function.
+compiles once; sizes and code choices (unlearning method, optimizer, number of erased concepts)
+live in :class:`ScenarioStatic` (a hashable jit-static arg): one compiled function per choice, so
+each configuration runs only its own method's unlearning and its own optimizer.
+
+The work splits in two stages. :func:`prepare_scenario` depends on the *problem knobs*
+(:data:`PROBLEM_KNOBS`: everything but ``lr``) and does the expensive part once per distinct
+problem: the problem, theta_0, the unlearning edit, the fine-tuning moments and the Hessian
+eigendecomposition. :func:`scenario_observables` evaluates everything that depends on ``lr``
+(the law, closed-form GD or the optax simulation, presence at theta_T) from it.
+:func:`run_grid` vmaps the first over problems and the second over learning rates, so a grid
+over lr x T repeats no eigendecomposition; the sweep engine jits the two apart
+(:func:`prepare_grid` per method and erased count, :func:`observe_grid` per optimizer).
 
 Fine-tuning prompts (``finetune``):
 
@@ -28,6 +36,7 @@ B random) and with null-prompt dropout ``p_null``; both make theta_0 sub-optimal
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +44,7 @@ import numpy as np
 import optax
 
 from theory.finetune import (
+    FinetuneSetup,
     finetune_setup,
     gd_closed_form,
     predicted_rho_closed_form,
@@ -57,12 +67,19 @@ from theory.unlearning import get_method, unlearn, unlearn_with
 
 __all__ = [
     "DYNAMIC_KNOBS",
+    "PROBLEM_KNOBS",
     "INT_KNOBS",
     "FINETUNE_MODES",
     "OPTIMIZERS",
     "ScenarioStatic",
+    "ScenarioState",
     "scenario_problem",
+    "prepare_scenario",
+    "scenario_observables",
     "run_scenario",
+    "prepare_grid",
+    "observe_grid",
+    "run_grid",
     "check_unlearning",
 ]
 
@@ -77,11 +94,10 @@ DYNAMIC_KNOBS: dict[str, float] = {
     "p_null": 0.0,
     "target_shift": 0.0,
     "lr": 0.5,
-    "method_index": 0,
-    "optimizer_index": 0,
-    "num_erased_index": 0,
 }
-INT_KNOBS = ("seed", "method_index", "optimizer_index", "num_erased_index")
+# The knobs that define the problem (all but lr): the unit of work :func:`prepare_scenario` shares.
+PROBLEM_KNOBS = tuple(k for k in DYNAMIC_KNOBS if k != "lr")
+INT_KNOBS = ("seed",)
 PRESENCE_SAMPLES = 1024  # Monte-Carlo samples per presence value: standard error <= 0.5/32 ~ 0.016
 FINETUNE_MODES = ("constructed", "other_concepts", "new_concepts")
 NEW_PROMPTS = 3  # prompts of the "new_concepts" fine-tuning set
@@ -95,12 +111,12 @@ class ScenarioStatic:
 
     Attributes:
       dim, embed_dim, num_concepts, num_levels: d, m, K, L.
-      methods: unlearning methods (names in :data:`theory.unlearning.METHOD_NAMES`), selected by
-        knob ``method_index``.
-      optimizers: names in :data:`OPTIMIZERS` (``gd_closed_form`` is exact GD; ``gd`` and ``adam``
-        run optax in ``lax.scan`` on the exact gradient), selected by ``optimizer_index``.
-      erased_counts: numbers n of erased concepts (concepts 0..n-1, the rest retained), selected
-        by ``num_erased_index``.
+      method: unlearning method (a name in :data:`theory.unlearning.METHOD_NAMES`).
+      optimizer: a name in :data:`OPTIMIZERS` (``gd_closed_form`` is exact GD; ``gd`` and ``adam``
+        run optax in ``lax.scan`` on the exact gradient).
+      num_erased: number n of erased concepts (concepts 0..n-1, the rest retained).
+      max_erased: width of ``principal_angles`` (NaN-padded past ``num_erased``), so that groups
+        with different ``num_erased`` give outputs of one shape; 0 means ``num_erased``.
       finetune: one of :data:`FINETUNE_MODES`.
       steps: recorded step counts T (sorted, >= 0).
       truncation_ranks: k values of the truncated closure rho_k (top-k Hessian eigenspaces, each
@@ -111,12 +127,35 @@ class ScenarioStatic:
     embed_dim: int = 8
     num_concepts: int = 5
     num_levels: int = 10
-    methods: tuple[str, ...] = ("uce",)
-    optimizers: tuple[str, ...] = ("gd_closed_form",)
-    erased_counts: tuple[int, ...] = (1,)
+    method: str = "uce"
+    optimizer: str = "gd_closed_form"
+    num_erased: int = 1
+    max_erased: int = 0
     finetune: str = "constructed"
     steps: tuple[int, ...] = (0, 10, 100)
     truncation_ranks: tuple[int, ...] = (1, 4)
+
+    @property
+    def angle_slots(self) -> int:
+        return max(self.num_erased, self.max_erased)
+
+    def for_prepare(self) -> ScenarioStatic:
+        """The fields :func:`prepare_scenario` reads (the rest at defaults): one compile per
+        method and erased count, shared by every optimizer, step list and truncation."""
+        default = ScenarioStatic()
+        return dataclasses.replace(
+            self,
+            optimizer=default.optimizer,
+            steps=default.steps,
+            truncation_ranks=default.truncation_ranks,
+        )
+
+    def for_observables(self) -> ScenarioStatic:
+        """The fields :func:`scenario_observables` reads: one compile per optimizer, shared by
+        every method and erased count (they live in the prepared state)."""
+        return dataclasses.replace(
+            self, method=ScenarioStatic.method, num_erased=1, max_erased=self.angle_slots
+        )
 
 
 def scenario_problem(static: ScenarioStatic, knobs: dict) -> LinearDiffusionProblem:
@@ -200,22 +239,29 @@ def _angles(forget_basis, forget_weights, ft_embeddings, ft_probs):
 
 
 def _truncated(setup, lr, steps, ranks):
-    """rho_k(T) for each k: top-k eigenspaces exactly, the remainder as one closure direction."""
+    """rho_k(T) for each k: top-k eigenspaces exactly, the remainder as one closure direction.
+
+    The law runs on eigenspaces (one a_i per eigenvalue, as in
+    :meth:`theory.finetune.FinetuneSetup.eigenspace_law_inputs`), not on their d copies.
+    """
     lam = setup.eigen.eigenvalues  # (L, n)
     g = eigen_coordinates(setup.grad, setup.eigen)  # (L, d, n)
     dc = eigen_coordinates(setup.delta, setup.eigen)
-    lam_full = jnp.broadcast_to(lam[:, None, :], g.shape)
+    norm = jnp.sqrt(jnp.sum(dc**2, axis=1))  # (L, n): ||dc|| over each eigenspace
+    cross = jnp.sum(g * dc, axis=1)
+    g_merged = jnp.where(norm > 0, cross / jnp.where(norm > 0, norm, 1.0), 0.0)
     out = []
     for top, lambda_perp in top_k_closure(setup.eigen, g, ranks):
+        top_space = top[:, 0, :]  # the mask is constant over the d copies
         out.append(
             predict_rho_truncated(
-                lam_full.reshape(-1),
-                jnp.where(top, g, 0.0).reshape(-1),
-                dc.reshape(-1),
+                lam.reshape(-1),
+                jnp.where(top_space, g_merged, 0.0).reshape(-1),
+                norm.reshape(-1),
                 lr,
                 steps,
                 delta_norm_sq=jnp.sum(dc**2),
-                grad_perp_dot_delta=jnp.sum(jnp.where(top, 0.0, g * dc)),
+                grad_perp_dot_delta=jnp.sum(jnp.where(top_space, 0.0, cross)),
                 lambda_perp=lambda_perp,
             )
         )
@@ -237,29 +283,21 @@ def _unlearn(problem, theta_0, method_name: str, num_erased: int):
 
 
 def check_unlearning(static: ScenarioStatic, knobs: dict) -> None:
-    """Raise the unlearning methods' own errors for one configuration, before the traced sweep.
+    """Raise the unlearning method's own errors for one configuration, before the traced sweep.
 
-    Names and options are checked for every method (cheap). Only the closed-form solver has a
-    data-dependent check (an unbounded masked objective), so only closed-form methods are run
+    The name and options are checked always (cheap). Only the closed-form solver has a
+    data-dependent check (an unbounded masked objective), so only a closed-form method is run
     eagerly; running the optimiser-based ones op by op took most of a small sweep's time.
 
     Raises:
       ValueError: from the unlearning method (unknown option, unbounded closed-form objective).
     """
-    methods = {name: get_method(name) for name in static.methods}
-    eager = [name for name, method in methods.items() if method.solver.name == "closed_form"]
-    if not eager:
+    method = get_method(static.method)
+    if method.solver.name != "closed_form":
         return
     problem = scenario_problem(static, {k: jnp.asarray(v) for k, v in knobs.items()})
     theta_0 = bayes_optimal_denoiser(problem)
-    for name in eager:
-        for n in static.erased_counts:
-            unlearn(problem, theta_0, name, tuple(range(n)))
-
-
-def _select(index, variants):
-    """variants[index] for a traced index over a list of equally shaped pytrees."""
-    return jax.tree.map(lambda *xs: jnp.stack(xs)[index], *variants)
+    unlearn(problem, theta_0, static.method, tuple(range(static.num_erased)))
 
 
 def _simulate(name, lr, moments, sched, theta_u, steps: tuple[int, ...]):
@@ -282,31 +320,41 @@ def _simulate(name, lr, moments, sched, theta_u, steps: tuple[int, ...]):
     return buf
 
 
-def run_scenario(static: ScenarioStatic, knobs: dict) -> dict[str, jax.Array]:
-    """All observables of one scenario; ``knobs`` maps each :data:`DYNAMIC_KNOBS` name to a scalar.
 
-    Returns:
-      dict with ``rho``, ``predicted_rho``, ``forget_loss_recovery``, ``presence`` (each ``(S,)``;
-      presence of concept 0 under its own prompt after T fine-tuning steps), ``presence_before``
-      (at theta_0), ``incidental_presence`` ``(2, K)`` (presence of concept 0 under each concept's
-      prompt after unlearning and after the last fine-tuning step), ``predicted_rho_truncated``
-      ``(R, S)``, ``curvature_along_delta`` and
-      ``lambda_max`` (scalars), ``spectral_weights`` and ``hessian_eigenvalues`` ``(L, d + m)``,
-      and ``principal_angles`` ``(max n,)`` (radians; NaN past the smaller rank).
+class ScenarioState(NamedTuple):
+    """The lr-independent part of a scenario, from :func:`prepare_scenario` (one per problem).
+
+    Attributes:
+      problem: the generator; ``theta_0``, ``theta_u``: pretrained and unlearned ``(L, d, d+m)``.
+      directions: erased embedding directions ``(m, angle_slots)``, NaN past ``num_erased``.
+      erased: 1.0 for erased concepts, 0.0 for retained ones, ``(K,)``.
+      finetune: the fine-tuning distribution; ``setup``: its moments, Hessian eigenpairs, the
+        gradient at theta_u and delta; ``forget_moments``: S_t of the erased concepts' data.
+    """
+
+    problem: LinearDiffusionProblem
+    theta_0: jax.Array
+    theta_u: jax.Array
+    directions: jax.Array
+    erased: jax.Array
+    finetune: DataDistribution
+    setup: FinetuneSetup
+    forget_moments: jax.Array
+
+
+def prepare_scenario(static: ScenarioStatic, knobs: dict) -> ScenarioState:
+    """Problem, theta_0, unlearning, fine-tuning moments and Hessian eigenpairs of one scenario.
+
+    Reads only the :data:`PROBLEM_KNOBS` of ``knobs`` (traced scalars); ``lr`` is not used.
     """
     problem, common = _problem_and_common(static, knobs)
     extra_key = jax.random.fold_in(jax.random.PRNGKey(knobs["seed"]), _EXTRA_KEY)
     theta_0 = bayes_optimal_denoiser(problem)
-    n_max = max(static.erased_counts)
-    variants = []
-    for n in static.erased_counts:
-        per_method = []
-        for name in static.methods:
-            theta_u, directions = _unlearn(problem, theta_0, name, n)
-            pad = jnp.full((static.embed_dim, n_max - n), jnp.nan)
-            per_method.append((theta_u, jnp.concatenate([directions, pad], axis=1)))
-        variants.append((_select(knobs["method_index"], per_method), _erase_mask(static, n)))
-    (theta_u, directions), erased = _select(knobs["num_erased_index"], variants)
+    n = static.num_erased
+    theta_u, directions = _unlearn(problem, theta_0, static.method, n)
+    pad = jnp.full((static.embed_dim, static.angle_slots - n), jnp.nan)
+    directions = jnp.concatenate([directions, pad], axis=1)
+    erased = _erase_mask(static, n)
     ft = _finetune_distribution(static, problem, knobs, erased, directions[:, 0], extra_key, common)
     forget = DataDistribution(
         problem.embeddings,
@@ -315,20 +363,28 @@ def run_scenario(static: ScenarioStatic, knobs: dict) -> dict[str, jax.Array]:
         jnp.zeros((), theta_0.dtype),
     )
     setup = finetune_setup(problem, ft, theta_u, theta_0)
+    return ScenarioState(
+        problem, theta_0, theta_u, directions, erased, ft, setup, second_moments(problem, forget)
+    )
+
+
+def scenario_observables(static: ScenarioStatic, state: ScenarioState, lr) -> dict[str, jax.Array]:
+    """Every observable of :func:`run_scenario` from a prepared scenario and a step size ``lr``.
+
+    Under ``jax.vmap`` over ``lr`` alone, whatever does not depend on lr (the spectrum, spectral
+    weights, principal angles, presence before fine-tuning) stays unbatched: computed once.
+    """
+    problem, theta_0, theta_u, setup = state.problem, state.theta_0, state.theta_u, state.setup
+    directions, ft = state.directions, state.finetune
     steps = jnp.asarray(static.steps)
-    lr = knobs["lr"]
     sched = problem.schedule
-    thetas = []
-    for name in static.optimizers:
-        if name == "gd_closed_form":
-            thetas.append(gd_closed_form(setup, theta_u, lr, steps))
-        else:
-            thetas.append(_simulate(name, lr, setup.moments, sched, theta_u, static.steps))
-    thetas = _select(knobs["optimizer_index"], thetas)  # (S, L, d, d+m)
-    forget_moments = second_moments(problem, forget)
+    if static.optimizer == "gd_closed_form":
+        thetas = gd_closed_form(setup, theta_u, lr, steps)  # (S, L, d, d+m)
+    else:
+        thetas = _simulate(static.optimizer, lr, setup.moments, sched, theta_u, static.steps)
 
     def forget_loss(theta):
-        return diffusion_loss(theta, forget_moments, sched)
+        return diffusion_loss(theta, state.forget_moments, sched)
 
     def presence_of_erased(theta):
         return presence(problem, theta, problem.embeddings[:, 0], 0, num_samples=PRESENCE_SAMPLES)
@@ -338,12 +394,13 @@ def run_scenario(static: ScenarioStatic, knobs: dict) -> dict[str, jax.Array]:
 
     f_loss = jax.vmap(forget_loss)(thetas)
     recovery = (forget_loss(theta_u) - f_loss) / (forget_loss(theta_u) - forget_loss(theta_0))
-    is_adam = jnp.asarray([o == "adam" for o in static.optimizers])[knobs["optimizer_index"]]
     predicted = predicted_rho_closed_form(setup, lr, steps)
+    if static.optimizer == "adam":  # the GD law does not cover Adam
+        predicted = jnp.full_like(predicted, jnp.nan)
     valid = jnp.where(jnp.isnan(directions), 0.0, directions)
     return {
         "rho": rho_observable(thetas, theta_u, theta_0),
-        "predicted_rho": jnp.where(is_adam, jnp.nan, predicted),  # the GD law does not cover Adam
+        "predicted_rho": predicted,
         "predicted_rho_truncated": _truncated(setup, lr, steps, static.truncation_ranks),
         "forget_loss_recovery": recovery,
         "presence": jax.vmap(presence_of_erased)(thetas),
@@ -357,3 +414,58 @@ def run_scenario(static: ScenarioStatic, knobs: dict) -> dict[str, jax.Array]:
             valid, (~jnp.isnan(directions[0])).astype(valid.dtype), ft.embeddings, ft.probs
         ),
     }
+
+
+def run_scenario(static: ScenarioStatic, knobs: dict) -> dict[str, jax.Array]:
+    """All observables of one scenario; ``knobs`` maps each :data:`DYNAMIC_KNOBS` name to a scalar.
+
+    Returns:
+      dict with ``rho``, ``predicted_rho``, ``forget_loss_recovery``, ``presence`` (each ``(S,)``;
+      presence of concept 0 under its own prompt after T fine-tuning steps), ``presence_before``
+      (at theta_0), ``incidental_presence`` ``(2, K)`` (presence of concept 0 under each concept's
+      prompt after unlearning and after the last fine-tuning step), ``predicted_rho_truncated``
+      ``(R, S)``, ``curvature_along_delta`` and
+      ``lambda_max`` (scalars), ``spectral_weights`` and ``hessian_eigenvalues`` ``(L, d + m)``,
+      and ``principal_angles`` ``(angle_slots,)`` (radians; NaN past the smaller rank).
+    """
+    return scenario_observables(static, prepare_scenario(static, knobs), knobs["lr"])
+
+
+def prepare_grid(static: ScenarioStatic, problem_knobs: dict) -> ScenarioState:
+    """:func:`prepare_scenario` for P problems (vmapped): every leaf gets a leading ``(P,)`` axis.
+
+    Args:
+      problem_knobs: each :data:`PROBLEM_KNOBS` name to an array ``(P,)``.
+    """
+    return jax.vmap(lambda k: prepare_scenario(static, k))(
+        {k: problem_knobs[k] for k in PROBLEM_KNOBS}
+    )
+
+
+def observe_grid(static: ScenarioStatic, states: ScenarioState, lrs) -> dict[str, jax.Array]:
+    """:func:`scenario_observables` for every prepared problem (leading axis P) and every step
+    size in ``lrs`` ``(R,)``: outputs with leading dims ``(P, R)``, no problem work repeated."""
+    lrs = jnp.asarray(lrs)
+
+    def one_problem(state):
+        return jax.vmap(lambda lr: scenario_observables(static, state, lr))(lrs)
+
+    return jax.vmap(one_problem)(states)
+
+
+def run_grid(static: ScenarioStatic, problem_knobs: dict, lrs) -> dict[str, jax.Array]:
+    """Every (problem, lr) pair of a grid, each problem prepared once (vmappable, jittable).
+
+    The sweep engine jits the two stages apart (:func:`prepare_grid` per method and erased count,
+    :func:`observe_grid` per optimizer), which compiles less and shares the prepared problems
+    between optimizers; this composition is the same computation.
+
+    Args:
+      static: sizes and code choices shared by the whole grid.
+      problem_knobs: each :data:`PROBLEM_KNOBS` name to an array ``(P,)``: P distinct problems.
+      lrs: step sizes ``(R,)``, evaluated for every problem.
+
+    Returns:
+      the outputs of :func:`run_scenario`, each with leading dims ``(P, R)``.
+    """
+    return observe_grid(static, prepare_grid(static, problem_knobs), lrs)

@@ -137,15 +137,16 @@ def claims(table: ResultsTable) -> list[Claim]:
     )
     # (d)
     kinds = DEFAULT_TASK_KINDS
-    lam_rec = defaultdict(dict)
+    lam_rec = defaultdict(dict)  # task -> {(recipe, bin): {lambda: recovery}}
     for (task, algo, config, ft, fset), v in rec.items():
         if algo == "uce" and config.startswith("lam="):
-            lam_rec[task].setdefault(float(config[4:]), []).append(v[2])
+            lam_rec[task].setdefault((ft, fset), {})[float(config[4:])] = v[2]
     effect = {}
-    for task, by_lam in lam_rec.items():
-        if len(by_lam) >= 2:
-            lo, hi = min(by_lam), max(by_lam)
-            effect[task] = _mean(by_lam[hi]) - _mean(by_lam[lo])
+    for task, runs in lam_rec.items():
+        # paired: the same recipe and bin under the largest and the smallest lambda
+        diffs = [r[max(r)] - r[min(r)] for r in runs.values() if len(r) >= 2]
+        if diffs:
+            effect[task] = _mean(diffs)
     ident = [effect[t] for t in effect if kinds.get(t) == "identity"]
     objs = [effect[t] for t in effect if kinds.get(t) == "object"]
     d_ok = ident and objs and _mean(ident) > NOISE and _mean(objs) <= _mean(ident) / 2
@@ -159,8 +160,8 @@ def claims(table: ResultsTable) -> list[Claim]:
                 "object": _mean(objs),
             },
             rule=(
-                f"UCE with the largest minus the smallest lambda: identity effect > {NOISE} and "
-                "object effect at most half of it"
+                "UCE recovery with the largest minus the smallest lambda (same recipe and bin): "
+                f"identity effect > {NOISE} and object effect at most half of it"
             ),
         )
     )

@@ -198,3 +198,35 @@ def test_a_folder_that_is_not_a_model_is_refused(tmp_path):
     assert re.search("is not a trained model folder", res.output) and len(
         res.output.strip().splitlines()
     ) == 1
+
+
+def test_report_merges_folders_into_one_table_with_claims_and_figures(tmp_path):
+    import json
+
+    import torch
+
+    table = _table([0.2, 0.3, 0.4, 0.5])
+    folders = []
+    for task in ("ship", "Statue of Liberty"):
+        folder = tmp_path / task.replace(" ", "_")
+        ResultsTable([r for r in table.rows if r["task"] == task]).to_csv(folder / "results.csv")
+        (folder / "samples").mkdir()
+        slug = task.replace(" ", "_").lower()
+        for stem in ("base", "uce_lam_0_1__unlearned", "uce_lam_0_1__lora_bin3"):
+            torch.save(torch.zeros(4, 3, 16, 16), folder / "samples" / f"{slug}__{stem}.pt")
+        folders.append(str(folder))
+    runner = CliRunner()
+    res = runner.invoke(realworld_app, ["report", *folders])
+    assert res.exit_code == 2 and "give `--out` to merge" in res.output
+    out = tmp_path / "merged"
+    res = runner.invoke(realworld_app, ["report", *folders, "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    merged = ResultsTable.read_csv(out / "results.csv")
+    def canon(rows):
+        return sorted(tuple(sorted(r.items())) for r in rows)
+
+    assert canon(merged.rows) == canon(table.rows)
+    found = json.loads((out / "claims.json").read_text())
+    assert found[0]["numbers"]["mean_recovery"] == pytest.approx(0.25)
+    for png in ("resurgence.png", "resurgence_synonyms.png", "samples.png"):
+        assert (out / png).stat().st_size > 10_000

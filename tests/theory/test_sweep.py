@@ -122,7 +122,12 @@ def test_manifest_records_the_run(tiny):
     assert manifest["config_hash"] == config.hash()
     assert manifest["seeds"] == [0, 1]
     assert manifest["packages"]["jax"] == jax.__version__
-    assert manifest["chunks_total"] == 7 and manifest["wall_time_s"] > 0
+    # 4 variants (2 methods x 2 optimizers) x 4 problems (2 seeds x 2 rho_c) x 2 lrs: chunks of
+    # 5 // 2 = 2 problems with both lrs, so 2 chunks per variant. Compiled: one preparation per
+    # method (shared by both optimizers) and one observation stage per optimizer.
+    assert manifest["chunks_total"] == 8 and manifest["wall_time_s"] > 0
+    assert manifest["variants"] == 4 and manifest["chunk_size"] == 4
+    assert manifest["compiled_functions"] == 2 + 2
     assert set(manifest) >= {"git", "config", "python", "created_utc"}
 
 
@@ -130,7 +135,7 @@ def test_resume_after_deleting_chunks_is_identical(tiny, tmp_path):
     config, out, ds = tiny
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
-    for name in ("g000_c00000.npz", "g000_c00003.npz", RESULTS_NAME):
+    for name in ("g000_v000_c00000.npz", "g000_v003_c00001.npz", RESULTS_NAME):
         (copy / "chunks" / name if name.endswith(".npz") else copy / name).unlink()
     again = run_sweep(config, copy, progress=False)
     xr.testing.assert_identical(again, ds)
@@ -190,7 +195,7 @@ def test_two_devices_give_the_results_of_one(tiny, tmp_path):
         timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "chunk 10" in done.stdout  # chunk_size 5 per device
+    assert "chunk 8" in done.stdout  # 2 problems x 2 lrs per device
     two = xr.load_dataset(tmp_path / "two" / RESULTS_NAME, engine="h5netcdf")
     # The SPMD-partitioned program may fuse a reduction differently from the one-device program,
     # so a few values differ in the last bit; rtol 1e-13 is ~500 ulp, far below any physics.
@@ -229,3 +234,36 @@ def test_cli_sweep_resumes_and_reports_bad_input(tiny, tmp_path):
         app, ["theory", "sweep", str(tmp_path / "bad.toml"), "--out", str(tmp_path / "x")]
     )
     assert result.exit_code == 2 and "Did you mean `chunk_size`?" in result.output
+
+
+def _eigh_operand_shapes(jaxpr):
+    """Operand shapes of every eigh in a (closed) jaxpr, sub-jaxprs included."""
+    shapes = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "eigh":
+            shapes.append(tuple(eqn.invars[0].aval.shape))
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, tuple | list) else (param,):
+                if hasattr(sub, "jaxpr"):
+                    shapes += _eigh_operand_shapes(getattr(sub.jaxpr, "jaxpr", sub.jaxpr))
+                elif hasattr(sub, "eqns"):
+                    shapes += _eigh_operand_shapes(sub)
+    return shapes
+
+
+@pytest.mark.parametrize("optimizer", ["gd_closed_form", "gd"])
+def test_grid_decomposes_each_problem_once_not_once_per_lr(optimizer):
+    """Every eigendecomposition of run_grid is batched over problems only: P, never P x R."""
+    from theory.sweep import DYNAMIC_KNOBS, PROBLEM_KNOBS, ScenarioStatic, run_grid
+
+    static = ScenarioStatic(**SIZES, optimizer=optimizer, finetune="other_concepts", steps=(0, 3))
+    n_problems, n_lrs = 3, 7
+    knobs = {
+        k: jnp.full(n_problems, DYNAMIC_KNOBS[k], jnp.int64 if k == "seed" else jnp.float64)
+        for k in PROBLEM_KNOBS
+    }
+    closed = jax.make_jaxpr(lambda k, lr: run_grid(static, k, lr))(knobs, jnp.ones(n_lrs) * 0.1)
+    shapes = _eigh_operand_shapes(closed.jaxpr)
+    hessian = (n_problems, SIZES["num_levels"], SIZES["dim"] + SIZES["embed_dim"])
+    assert any(s[:3] == hessian for s in shapes), shapes  # the Hessian blocks, once per problem
+    assert all(n_lrs not in s for s in shapes), shapes  # no eigh repeated per learning rate

@@ -14,7 +14,8 @@ import xarray as xr
 from experiments.sweep import _EXTRA_DIMS, RESULTS_NAME, _chunk_done, _chunk_path, _save_chunk
 from tests._crash import finish, kill_at_random_point, run, start
 
-# One group (method and optimizer fixed), 24 configurations in 12 chunks of 2. Simulated GD for
+# One group (method and optimizer fixed), 24 configurations (12 problems x 2 lrs) in 12 chunks of
+# one problem with its 2 lrs. Simulated GD for
 # 10^4 steps makes a chunk ~0.1 s here, long enough to land a kill inside one; compile and the
 # eager checks (~15 s a run) dominate the test's time.
 CONFIG = """
@@ -87,15 +88,16 @@ def test_sweep_killed_at_random_and_rerun_equals_an_uninterrupted_run(tmp_path):
 
 def test_a_damaged_chunk_is_recomputed_not_trusted(tmp_path):
     arrays = {name: np.zeros((2,) + (1,) * len(extra)) for name, extra in _EXTRA_DIMS.items()}
-    _save_chunk(tmp_path, 0, 0, arrays)
-    _save_chunk(tmp_path, 0, 1, arrays)
-    _save_chunk(tmp_path, 0, 2, {k: v for k, v in arrays.items() if k != "rho"})
-    assert _chunk_done(tmp_path, 0, 0) and not _chunk_done(tmp_path, 0, 3)  # 3: never written
-    cut = _chunk_path(tmp_path, 0, 1)
+    _save_chunk(tmp_path, 0, 0, 0, arrays)
+    _save_chunk(tmp_path, 0, 0, 1, arrays)
+    _save_chunk(tmp_path, 0, 0, 2, {k: v for k, v in arrays.items() if k != "rho"})
+    assert _chunk_done(tmp_path, 0, 0, 0) and not _chunk_done(tmp_path, 0, 0, 3)  # 3: not written
+    assert not _chunk_done(tmp_path, 0, 1, 0)  # another variant's chunk 0 is another file
+    cut = _chunk_path(tmp_path, 0, 0, 1)
     cut.write_bytes(cut.read_bytes()[:-100])  # a copy cut short (not something we write)
     for chunk in (1, 2):
-        path = _chunk_path(tmp_path, 0, chunk)
+        path = _chunk_path(tmp_path, 0, 0, chunk)
         with pytest.warns(UserWarning, match=re.escape(f"sweep chunk {path} is damaged")):
-            assert not _chunk_done(tmp_path, 0, chunk)
+            assert not _chunk_done(tmp_path, 0, 0, chunk)
         assert not path.exists()  # removed, so the resume recomputes it
-    assert _chunk_done(tmp_path, 0, 0)
+    assert _chunk_done(tmp_path, 0, 0, 0)
