@@ -93,7 +93,6 @@ def audit(
     from bridge.audit import Candidate, audit_markdown, plot_audit
     from bridge.audit import audit as run_audit
     from bridge.data import encode_caption_folder
-    from bridge.loading import load_unet
     from bridge.probes import forget_probes, sampler_probe
     from bridge.sd import load_pipeline
     from bridge.unlearn_io import load_unlearned

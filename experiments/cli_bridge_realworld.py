@@ -274,11 +274,9 @@ def experiment(
     ] = None,
 ) -> None:
     """Unlearn, fine-tune with the authors' protocol, score presence: results.csv, claims, figures."""
-    from bridge.realworld.bundle import load_model
+    from bridge.realworld.bundle import SHIPPED_MODEL, load_model
     from bridge.realworld.experiment import check_tasks, run_experiment
     from experiments.manifest import write_manifest
-
-    from bridge.realworld.bundle import SHIPPED_MODEL
 
     cfg = _experiment_config(config, set_)
     model = model or SHIPPED_MODEL

@@ -6,6 +6,7 @@ import importlib
 import json
 import math
 import os
+import re
 import time
 from pathlib import Path
 
@@ -18,6 +19,13 @@ SUMMARY_NAME = "summary.json"
 # move them by round-off only (measured <= 1e-12); 1e-6 keeps six orders of margin and still
 # fails on any real change of a headline number. Counts and labels must match exactly.
 SUMMARY_ABS_TOLERANCE = 1e-6
+# Except numbers built on Monte-Carlo presence (K > 2 classes: the fraction of 1,024 fixed samples
+# whose argmax is the concept) and rank statistics of them: a sample on a class boundary flips
+# with the CPU's round-off and moves a presence by 1/1024. Measured: an AMD EPYC host moved the
+# readouts figure's Spearmans by 1.3e-3 against the machine that wrote the summary. 5e-3 allows
+# a few flipped samples and still fails on a real change.
+MONTE_CARLO_KEYS = re.compile(r"presence|spearman")
+MONTE_CARLO_ABS_TOLERANCE = 5e-3
 
 # One module per figure of theory.md section 5, in the paper's order.
 FIGURE_MODULES = (
@@ -118,7 +126,8 @@ def _write_summary(path: Path, summary: dict) -> None:
     merged["_about"] = (
         "Headline numbers of the default run, written by `resurgence figures`; "
         "tests/test_reproducibility.py regenerates the theory entries and compares them to "
-        f"{SUMMARY_ABS_TOLERANCE:g} (absolute; counts and labels exactly)."
+        f"{SUMMARY_ABS_TOLERANCE:g} (absolute; {MONTE_CARLO_ABS_TOLERANCE:g} for Monte-Carlo "
+        "presence and its Spearmans; counts and labels exactly)."
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -135,7 +144,10 @@ def compare_summaries(committed, regenerated, *, atol=SUMMARY_ABS_TOLERANCE, whe
             if key not in committed or key not in regenerated:
                 problems.append(f"{where}/{key}: present in only one summary")
                 continue
-            problems += compare_summaries(committed[key], regenerated[key], atol=atol, where=f"{where}/{key}")
+            tol = max(atol, MONTE_CARLO_ABS_TOLERANCE) if MONTE_CARLO_KEYS.search(key) else atol
+            problems += compare_summaries(
+                committed[key], regenerated[key], atol=tol, where=f"{where}/{key}"
+            )
         return problems
     is_float = isinstance(committed, float) or isinstance(regenerated, float)
     if is_float and isinstance(committed, (int, float)) and isinstance(regenerated, (int, float)):

@@ -52,6 +52,12 @@ def test_compare_summaries_reports_each_difference():
         "fig/z: present in only one summary",
     ]
     assert compare_summaries(a, json.loads(json.dumps(a))) == []
+    # Monte-Carlo presence (and its Spearmans) may move by a few boundary samples, no more
+    mc = {"max_presence_regained": {"uce": 0.5}, "spearman_law": {"rho": 0.14}}
+    few = {"max_presence_regained": {"uce": 0.5 + 2 / 1024}, "spearman_law": {"rho": 0.141}}
+    many = {"max_presence_regained": {"uce": 0.51}, "spearman_law": {"rho": 0.15}}
+    assert compare_summaries(mc, few) == []
+    assert len(compare_summaries(mc, many)) == 2
 
 
 def test_readme_python_examples_print_what_they_say():

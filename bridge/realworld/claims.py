@@ -130,7 +130,7 @@ def claims(table: ResultsTable) -> list[Claim]:
                 "paired_runs": len(pairs),
                 "mean_recovery_lora": lora,
                 "mean_recovery_full": full,
-                "pearson": float(stats.pearsonr(*zip(*pairs))[0]) if len(pairs) > 2 else math.nan,
+                "pearson": float(stats.pearsonr(*zip(*pairs, strict=True))[0]) if len(pairs) > 2 else math.nan,
             },
             rule=f"both mean recoveries < {NOISE}, or the larger is at most twice the smaller",
         )
@@ -186,7 +186,7 @@ def claims(table: ResultsTable) -> list[Claim]:
     # (f)
     syn = recoveries(table, prompts="synonyms")
     both = [(rec[k][2], syn[k][2]) for k in rec if k in syn]
-    corr = float(stats.pearsonr(*zip(*both))[0]) if len(both) > 2 else math.nan
+    corr = float(stats.pearsonr(*zip(*both, strict=True))[0]) if len(both) > 2 else math.nan
     s_mean = _mean(p[1] for p in both)
     out.append(
         Claim(

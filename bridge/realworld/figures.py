@@ -68,7 +68,7 @@ def plot_resurgence_curves(table: ResultsTable, path, *, prompts: str = "erased"
                 for algo, ls in (("lora", "-"), ("full", "--")):
                     pts = curves.get((task,) + run + (algo, label))
                     if pts:
-                        ax.plot(*zip(*pts), ls=ls, color=colour, lw=1.5,
+                        ax.plot(*zip(*pts, strict=True), ls=ls, color=colour, lw=1.5,
                                 label=f"{label} {algo}" if j == 0 and i == 0 else None)
             ax.set_ylim(-0.02, 1.02)
             if i == 0:

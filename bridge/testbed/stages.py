@@ -36,8 +36,8 @@ class Stages:
 
     # ---- stage 1: pretrain -------------------------------------------------------------
     def base(self):
-        from bridge.testbed.train import ModelConfig, pretrain
         from bridge.sd import load_pipeline
+        from bridge.testbed.train import ModelConfig, pretrain
 
         folder = self.run / "base"
         if not _done(folder / "done.json"):

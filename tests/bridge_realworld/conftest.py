@@ -53,9 +53,9 @@ def _sets(items):
 
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory):
-    from experiments.cli_bridge_realworld import realworld_app
-
     import os
+
+    from experiments.cli_bridge_realworld import realworld_app
 
     root = tmp_path_factory.mktemp("realworld")
     out, cwd = root / "model", os.getcwd()

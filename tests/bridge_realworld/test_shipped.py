@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
 
 from bridge.realworld.bundle import SHIPPED_MODEL, load_model

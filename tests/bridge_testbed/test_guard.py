@@ -8,8 +8,8 @@ blur orthogonality at 1e-3; in float64 round-off is ~1e-12 of the step (toleranc
 from __future__ import annotations
 
 import copy
-import json
 import dataclasses
+import json
 import re
 
 import numpy as np

@@ -16,10 +16,10 @@ import torch
 
 from bridge.generate import generate
 from bridge.presence import classifier_presence
+from bridge.sd import load_pipeline
 from bridge.testbed.classifier import train_classifier
 from bridge.testbed.train import ModelConfig, pretrain
 from bridge.testbed.world import ConceptWorld
-from bridge.sd import load_pipeline
 from bridge.unlearn_io import load_unlearned, save_unlearned
 from bridge.unlearning.data import UnlearningData
 from bridge.unlearning.mace import MaceConcept

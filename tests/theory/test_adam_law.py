@@ -170,7 +170,7 @@ def test_low_rank_adam_prediction_is_exact_only_with_the_whole_spectrum(case):
         got = adam_on_quadratic(mv, setup.grad, theta_u, opt, steps).displacement
         errors.append(float(_rel_err(got, exact)[0]))
     assert errors[-1] < 1e-10, errors
-    assert all(b <= a * 1.01 for a, b in zip(errors, errors[1:])), errors
+    assert all(b <= a * 1.01 for a, b in zip(errors, errors[1:], strict=False)), errors
     assert min(errors[:3]) > 0.3, errors
 
 

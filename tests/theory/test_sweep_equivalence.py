@@ -25,7 +25,6 @@ import pytest
 
 from experiments.config import PARAMS, load_config
 from experiments.sweep import _EXTRA_DIMS, _pad_to, run_sweep
-
 from theory.finetune import (
     finetune_setup,
     gd_closed_form,
@@ -46,7 +45,6 @@ from theory.quadratic import (
     split_params,
 )
 from theory.unlearning import get_method, unlearn, unlearn_with
-
 
 # ---------------------------------------------------------------------------------------------
 # Reference: theory/sweep.py before issue 12 (kernel verbatim; docstrings trimmed).
