@@ -37,7 +37,7 @@ def base_fingerprint(unet) -> str:
 
 def run_manifest(**fields: Any) -> dict[str, Any]:
     """A manifest dict: the given fields plus package versions, git commit and Python version."""
-    from experiments.manifest import git_commit, package_versions
+    from theory._manifest import git_commit, package_versions
 
     return {
         **fields,

@@ -96,7 +96,7 @@ def audit(
     from bridge.probes import forget_probes, sampler_probe
     from bridge.sd import load_pipeline
     from bridge.unlearn_io import load_unlearned
-    from experiments.manifest import write_manifest
+    from theory._manifest import write_manifest
 
     t0 = time.time()
     with blame("--base", base):

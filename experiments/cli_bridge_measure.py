@@ -37,7 +37,7 @@ def _text_folder(base: Path, given: Path | None) -> Path:
 def _save(result, out: Path, *, args: dict, seed: int, wall_time: float) -> None:
     """Write ``measurement.nc`` (h5netcdf), ``manifest.json`` and ``spectrum.png``, atomically."""
     from bridge.measure import plot_spectrum
-    from experiments.manifest import write_manifest
+    from theory._manifest import write_manifest
     from theory._atomic import atomic_write
 
     out.mkdir(parents=True, exist_ok=True)

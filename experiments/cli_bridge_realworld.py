@@ -174,7 +174,7 @@ def train(
 ) -> None:
     """Train the UNet, presence and style classifiers; save them with sha256 fingerprints."""
     from bridge.realworld.pipeline import train_testbed
-    from experiments.manifest import write_manifest
+    from theory._manifest import write_manifest
 
     cfg = _config(config, set_, seed)
     _need_minilm()
@@ -276,7 +276,7 @@ def experiment(
     """Unlearn, fine-tune with the authors' protocol, score presence: results.csv, claims, figures."""
     from bridge.realworld.bundle import SHIPPED_MODEL, load_model
     from bridge.realworld.experiment import check_tasks, run_experiment
-    from experiments.manifest import write_manifest
+    from theory._manifest import write_manifest
 
     cfg = _experiment_config(config, set_)
     model = model or SHIPPED_MODEL

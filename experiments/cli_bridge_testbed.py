@@ -293,7 +293,7 @@ def finetune(
         out_dir=out,
     )
     res.unet.save_pretrained(out / "unet")
-    from experiments.manifest import write_manifest
+    from theory._manifest import write_manifest
 
     write_manifest(
         out,

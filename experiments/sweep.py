@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from experiments.config import PARAMS, ConfigError, SweepConfig
-from experiments.manifest import write_manifest
+from theory._manifest import write_manifest
 from theory._atomic import atomic_write, remove_partial_writes
 from theory._backend import init_backend_without_lapack_deadlock
 

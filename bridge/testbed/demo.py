@@ -170,7 +170,7 @@ def run_demo(
     from bridge.testbed.predict import predict_and_measure, presence_seeds
     from bridge.testbed.results import summarise, to_xarray
     from bridge.testbed.stages import Stages, adamw_history, log
-    from experiments.manifest import write_manifest
+    from theory._manifest import write_manifest
 
     t_start = time.time()
     torch.set_num_threads(cfg.threads)
