@@ -32,6 +32,19 @@ def finite_float(name: str, value, *, low=-math.inf, high=math.inf, low_open=Fal
     return x
 
 
+def step_counts(name: str, steps) -> np.ndarray:
+    """``steps`` as a non-empty 1-D integer array of step counts >= 0, else ``ValueError``."""
+    arr = np.asarray(steps)
+    if (
+        arr.ndim != 1
+        or arr.size == 0
+        or not np.issubdtype(arr.dtype, np.integer)
+        or np.any(arr < 0)
+    ):
+        raise ValueError(f"`{name}` must be a non-empty 1-D sequence of integers >= 0; got {steps!r}.")
+    return arr
+
+
 def probability_vector(name: str, probs) -> np.ndarray:
     """Check a probability vector: finite, non-negative, summing to one."""
     p = np.asarray(probs, dtype=float)

@@ -50,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from theory import _checks
 from theory._precision import float64_if_given
 
 __all__ = ["AdamPath", "adam_on_quadratic", "low_rank_hessian_matvec", "readouts_along"]
@@ -127,14 +128,7 @@ def adam_on_quadratic(
         raise ValueError(
             f"`grad` must have the shape of `theta_u` {theta_u.shape}; got {grad.shape}."
         )
-    steps_np = np.asarray(steps)
-    if (
-        steps_np.ndim != 1
-        or steps_np.size == 0
-        or not np.issubdtype(steps_np.dtype, np.integer)
-        or np.any(steps_np < 0)
-    ):
-        raise ValueError(f"`steps` must be a non-empty 1-D array of integers >= 0; got {steps!r}.")
+    steps_np = _checks.step_counts("steps", steps)
     num_steps = int(steps_np.max())
     out = _run(hessian_matvec, optimizer, num_steps, grad, theta_u, jnp.asarray(steps_np))
     return AdamPath(jnp.asarray(steps_np), out, num_steps)

@@ -258,16 +258,7 @@ def stage_report(
         raise ValueError(
             f"`finetune_params` must be one of {FINETUNE_PARAMS}; got {finetune_params!r}."
         )
-    steps_np = np.asarray(steps)
-    if (
-        steps_np.ndim != 1
-        or steps_np.size == 0
-        or not np.issubdtype(steps_np.dtype, np.integer)
-        or np.any(steps_np < 0)
-    ):
-        raise ValueError(
-            f"`steps` must be a non-empty 1-D sequence of integers >= 0; got {steps!r}."
-        )
+    steps_np = _checks.step_counts("steps", steps)
     key = jax.random.PRNGKey(0) if key is None else key
     the_method = get_method(method, **(method_options or {}))
     forget_t, retain_t = resolve_concepts(problem, forget, retain)

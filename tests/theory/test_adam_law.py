@@ -189,6 +189,6 @@ def test_bad_input_names_the_argument():
     with pytest.raises(ValueError, match=re.escape(shape_msg)):
         adam_on_quadratic(mv, np.ones(3), np.zeros(2), optax.adam(0.1), np.array([1]))
     for bad in (np.array([]), np.array([1.5]), np.array([-1]), np.array([[1]])):
-        msg = "`steps` must be a non-empty 1-D array of integers >= 0"
+        msg = "`steps` must be a non-empty 1-D sequence of integers >= 0"
         with pytest.raises(ValueError, match=re.escape(msg)):
             adam_on_quadratic(mv, np.ones(2), np.zeros(2), optax.adam(0.1), bad)
