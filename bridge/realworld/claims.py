@@ -67,6 +67,13 @@ def _mean(values: Iterable[float]) -> float:
     return sum(values) / len(values) if values else math.nan
 
 
+def _verdict(tested: bool, holds) -> str:
+    """``"untested"`` without data for the claim, else whether its rule holds."""
+    if not tested:
+        return "untested"
+    return "reproduced" if holds else "refuted"
+
+
 def claims(table: ResultsTable) -> list[Claim]:
     """The six claims of the module docstring, computed from ``table``."""
     rec = recoveries(table)
@@ -80,7 +87,7 @@ def claims(table: ResultsTable) -> list[Claim]:
     out.append(
         Claim(
             claim="(a) resurgence after benign fine-tuning",
-            verdict="untested" if not values else ("reproduced" if a_ok else "refuted"),
+            verdict=_verdict(bool(values), a_ok),
             numbers={
                 "runs": len(values),
                 "mean_recovery": _mean(values),
@@ -103,7 +110,7 @@ def claims(table: ResultsTable) -> list[Claim]:
     out.append(
         Claim(
             claim="(b) more similar fine-tuning data gives more resurgence",
-            verdict="untested" if not rhos else ("reproduced" if b_mean > 0.3 else "refuted"),
+            verdict=_verdict(bool(rhos), b_mean > 0.3),
             numbers={
                 "mean_spearman_bin_vs_recovery": b_mean,
                 "positive": sum(r > 0 for r in rhos.values()),
@@ -125,7 +132,7 @@ def claims(table: ResultsTable) -> list[Claim]:
     out.append(
         Claim(
             claim="(c) LoRA and full fine-tuning give similar resurgence",
-            verdict="untested" if not pairs else ("reproduced" if similar else "refuted"),
+            verdict=_verdict(bool(pairs), similar),
             numbers={
                 "paired_runs": len(pairs),
                 "mean_recovery_lora": lora,
@@ -153,7 +160,7 @@ def claims(table: ResultsTable) -> list[Claim]:
     out.append(
         Claim(
             claim="(d) stronger unlearning regularisation: more resurgence for identities, not objects",
-            verdict="untested" if not (ident and objs) else ("reproduced" if d_ok else "refuted"),
+            verdict=_verdict(bool(ident and objs), d_ok),
             numbers={
                 "recovery_high_minus_low_lambda": effect,
                 "identity": _mean(ident),
@@ -171,9 +178,7 @@ def claims(table: ResultsTable) -> list[Claim]:
     out.append(
         Claim(
             claim="(e) incidental resurgence under other concepts' prompts",
-            verdict="untested"
-            if not inc_values
-            else ("reproduced" if _mean(inc_values) > NOISE / 5 else "refuted"),
+            verdict=_verdict(bool(inc_values), _mean(inc_values) > NOISE / 5),
             numbers={
                 "runs": len(inc_values),
                 "mean_incidental_recovery": _mean(inc_values),
@@ -191,9 +196,7 @@ def claims(table: ResultsTable) -> list[Claim]:
     out.append(
         Claim(
             claim="(f) synonyms resurge with the erased prompt",
-            verdict="untested"
-            if len(both) < 3
-            else ("reproduced" if corr > 0.5 and s_mean > NOISE else "refuted"),
+            verdict=_verdict(len(both) >= 3, corr > 0.5 and s_mean > NOISE),
             numbers={"runs": len(both), "pearson_erased_vs_synonyms": corr, "mean_synonym_recovery": s_mean},
             rule=f"Pearson(erased recovery, synonym recovery) > 0.5 and mean synonym recovery > {NOISE}",
         )
