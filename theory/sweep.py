@@ -14,8 +14,9 @@ problem: the problem, theta_0, the unlearning edit, the fine-tuning moments and 
 eigendecomposition. :func:`scenario_observables` evaluates everything that depends on ``lr``
 (the law, closed-form GD or the optax simulation, presence at theta_T) from it.
 :func:`run_grid` vmaps the first over problems and the second over learning rates, so a grid
-over lr x T repeats no eigendecomposition; the sweep engine jits the two apart
-(:func:`prepare_grid` per method and erased count, :func:`observe_grid` per optimizer).
+over lr x T repeats no eigendecomposition. The sweep engine jits the stages apart: the
+preparation as its three parts (:func:`base_grid` per sizes, :func:`unlearn_grid` per method and
+erased count, :func:`finish_grid` shared by every method), :func:`observe_grid` per optimizer.
 
 Fine-tuning prompts (``finetune``):
 
@@ -74,10 +75,17 @@ __all__ = [
     "ScenarioStatic",
     "ScenarioState",
     "scenario_problem",
+    "ScenarioBase",
+    "base_scenario",
+    "unlearn_scenario",
+    "finish_scenario",
     "prepare_scenario",
     "scenario_observables",
     "run_scenario",
     "prepare_grid",
+    "base_grid",
+    "unlearn_grid",
+    "finish_grid",
     "observe_grid",
     "run_grid",
     "check_unlearning",
@@ -140,8 +148,8 @@ class ScenarioStatic:
         return max(self.num_erased, self.max_erased)
 
     def for_prepare(self) -> ScenarioStatic:
-        """The fields :func:`prepare_scenario` reads (the rest at defaults): one compile per
-        method and erased count, shared by every optimizer, step list and truncation."""
+        """The fields :func:`prepare_scenario` reads (the rest at defaults): the prepared state of
+        one method and erased count, shared by every optimizer, step list and truncation."""
         default = ScenarioStatic()
         return dataclasses.replace(
             self,
@@ -149,6 +157,26 @@ class ScenarioStatic:
             steps=default.steps,
             truncation_ranks=default.truncation_ranks,
         )
+
+    def for_base(self) -> ScenarioStatic:
+        """The fields :func:`base_scenario` reads (sizes only): one compile for every method."""
+        default = ScenarioStatic()
+        return dataclasses.replace(
+            self.for_prepare(), method=default.method, num_erased=1, max_erased=0,
+            finetune=default.finetune,
+        )
+
+    def for_unlearn(self) -> ScenarioStatic:
+        """The fields :func:`unlearn_scenario` reads (sizes, method, erased count)."""
+        return dataclasses.replace(
+            self.for_base(), method=self.method, num_erased=self.num_erased,
+            max_erased=self.max_erased,
+        )
+
+    def for_finish(self) -> ScenarioStatic:
+        """The fields :func:`finish_scenario` reads (all of :meth:`for_prepare` but the method):
+        one compile shared by every unlearning method."""
+        return dataclasses.replace(self.for_prepare(), method=ScenarioStatic.method)
 
     def for_observables(self) -> ScenarioStatic:
         """The fields :func:`scenario_observables` reads: one compile per optimizer, shared by
@@ -342,20 +370,38 @@ class ScenarioState(NamedTuple):
     forget_moments: jax.Array
 
 
-def prepare_scenario(static: ScenarioStatic, knobs: dict) -> ScenarioState:
-    """Problem, theta_0, unlearning, fine-tuning moments and Hessian eigenpairs of one scenario.
+class ScenarioBase(NamedTuple):
+    """The method-independent start of a scenario (:func:`base_scenario`): the problem, the
+    common embedding component and theta_0."""
 
-    Reads only the :data:`PROBLEM_KNOBS` of ``knobs`` (traced scalars); ``lr`` is not used.
-    """
+    problem: LinearDiffusionProblem
+    common: jax.Array
+    theta_0: jax.Array
+
+
+def base_scenario(static: ScenarioStatic, knobs: dict) -> ScenarioBase:
+    """Problem and Bayes-optimal theta_0 of one scenario (reads the sizes and the problem knobs)."""
     problem, common = _problem_and_common(static, knobs)
-    extra_key = jax.random.fold_in(jax.random.PRNGKey(knobs["seed"]), _EXTRA_KEY)
-    theta_0 = bayes_optimal_denoiser(problem)
+    return ScenarioBase(problem, common, bayes_optimal_denoiser(problem))
+
+
+def unlearn_scenario(static: ScenarioStatic, base: ScenarioBase):
+    """theta_u and the erased directions ``(m, angle_slots)`` (NaN-padded past ``num_erased``)."""
     n = static.num_erased
-    theta_u, directions = _unlearn(problem, theta_0, static.method, n)
+    theta_u, directions = _unlearn(base.problem, base.theta_0, static.method, n)
     pad = jnp.full((static.embed_dim, static.angle_slots - n), jnp.nan)
-    directions = jnp.concatenate([directions, pad], axis=1)
-    erased = _erase_mask(static, n)
-    ft = _finetune_distribution(static, problem, knobs, erased, directions[:, 0], extra_key, common)
+    return theta_u, jnp.concatenate([directions, pad], axis=1)
+
+
+def finish_scenario(static: ScenarioStatic, knobs: dict, base: ScenarioBase, theta_u, directions):
+    """The fine-tuning distribution, moments and Hessian eigenpairs from an unlearned point: the
+    method-independent end of :func:`prepare_scenario`."""
+    problem, theta_0 = base.problem, base.theta_0
+    extra_key = jax.random.fold_in(jax.random.PRNGKey(knobs["seed"]), _EXTRA_KEY)
+    erased = _erase_mask(static, static.num_erased)
+    ft = _finetune_distribution(
+        static, problem, knobs, erased, directions[:, 0], extra_key, base.common
+    )
     forget = DataDistribution(
         problem.embeddings,
         problem.concept_means,
@@ -366,6 +412,18 @@ def prepare_scenario(static: ScenarioStatic, knobs: dict) -> ScenarioState:
     return ScenarioState(
         problem, theta_0, theta_u, directions, erased, ft, setup, second_moments(problem, forget)
     )
+
+
+def prepare_scenario(static: ScenarioStatic, knobs: dict) -> ScenarioState:
+    """Problem, theta_0, unlearning, fine-tuning moments and Hessian eigenpairs of one scenario.
+
+    Reads only the :data:`PROBLEM_KNOBS` of ``knobs`` (traced scalars); ``lr`` is not used. The
+    composition of :func:`base_scenario`, :func:`unlearn_scenario` and :func:`finish_scenario`,
+    which the sweep engine jits apart so that only the unlearning compiles once per method.
+    """
+    base = base_scenario(static, knobs)
+    theta_u, directions = unlearn_scenario(static, base)
+    return finish_scenario(static, knobs, base, theta_u, directions)
 
 
 def scenario_observables(static: ScenarioStatic, state: ScenarioState, lr) -> dict[str, jax.Array]:
@@ -437,8 +495,29 @@ def prepare_grid(static: ScenarioStatic, problem_knobs: dict) -> ScenarioState:
     Args:
       problem_knobs: each :data:`PROBLEM_KNOBS` name to an array ``(P,)``.
     """
-    return jax.vmap(lambda k: prepare_scenario(static, k))(
-        {k: problem_knobs[k] for k in PROBLEM_KNOBS}
+    knobs = _problem_knobs(problem_knobs)
+    base = base_grid(static, knobs)
+    return finish_grid(static, knobs, base, *unlearn_grid(static, base))
+
+
+def _problem_knobs(problem_knobs: dict) -> dict:
+    return {k: problem_knobs[k] for k in PROBLEM_KNOBS}
+
+
+def base_grid(static: ScenarioStatic, problem_knobs: dict) -> ScenarioBase:
+    """:func:`base_scenario` for P problems (vmapped)."""
+    return jax.vmap(lambda k: base_scenario(static, k))(_problem_knobs(problem_knobs))
+
+
+def unlearn_grid(static: ScenarioStatic, base: ScenarioBase):
+    """:func:`unlearn_scenario` for P problems (vmapped)."""
+    return jax.vmap(lambda b: unlearn_scenario(static, b))(base)
+
+
+def finish_grid(static: ScenarioStatic, problem_knobs: dict, base, theta_u, directions):
+    """:func:`finish_scenario` for P problems (vmapped)."""
+    return jax.vmap(lambda k, b, t, d: finish_scenario(static, k, b, t, d))(
+        _problem_knobs(problem_knobs), base, theta_u, directions
     )
 
 

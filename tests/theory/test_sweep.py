@@ -123,11 +123,12 @@ def test_manifest_records_the_run(tiny):
     assert manifest["seeds"] == [0, 1]
     assert manifest["packages"]["jax"] == jax.__version__
     # 4 variants (2 methods x 2 optimizers) x 4 problems (2 seeds x 2 rho_c) x 2 lrs: chunks of
-    # 5 // 2 = 2 problems with both lrs, so 2 chunks per variant. Compiled: one preparation per
-    # method (shared by both optimizers) and one observation stage per optimizer.
+    # 5 // 2 = 2 problems with both lrs, so 2 chunks per variant. Compiled: the problem + theta_0
+    # stage once, the unlearning once per method, the fine-tuning setup once (shared by both
+    # methods) and one observation stage per optimizer.
     assert manifest["chunks_total"] == 8 and manifest["wall_time_s"] > 0
     assert manifest["variants"] == 4 and manifest["chunk_size"] == 4
-    assert manifest["compiled_functions"] == 2 + 2
+    assert manifest["compiled_functions"] == 1 + 2 + 1 + 2
     assert set(manifest) >= {"git", "config", "python", "created_utc"}
 
 
