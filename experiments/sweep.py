@@ -33,7 +33,7 @@ import numpy as np
 from experiments.config import PARAMS, ConfigError, SweepConfig
 from theory._manifest import write_manifest
 from theory._atomic import atomic_write, remove_partial_writes
-from theory._backend import init_backend_without_lapack_deadlock
+from theory._backend import compiler_options_for, init_backend_without_lapack_deadlock
 
 __all__ = ["run_sweep", "RESULTS_NAME", "SweepPlan", "sweep_plan", "enable_compilation_cache"]
 
@@ -170,9 +170,12 @@ def _shardings(devices: tuple):
 
 
 @functools.lru_cache(maxsize=64)
-def _jitted(stage: str, part, devices: tuple):
-    """One jitted stage per (stage, static part, devices), kept across runs in this process."""
+def _jitted(stage: str, part, devices: tuple, fast_compile: bool = False):
+    """One jitted stage per (stage, static part, devices, compile effort), kept across runs in
+    this process; ``fast_compile``: XLA optimisation level 0 (:mod:`theory._backend`)."""
     import jax
+
+    from theory._backend import FAST_COMPILE_OPTIONS
 
     from theory.sweep import base_grid, finish_grid, observe_grid, unlearn_grid
 
@@ -190,7 +193,10 @@ def _jitted(stage: str, part, devices: tuple):
     }
     fn, shardings = stages[stage]
     fn.__name__ = f"sweep_{stage}"  # names the compile in JAX's logs and profiles
-    return jax.jit(fn, in_shardings=shardings, out_shardings=sharding)
+    options = dict(FAST_COMPILE_OPTIONS) if fast_compile else None
+    return jax.jit(
+        fn, in_shardings=shardings, out_shardings=sharding, compiler_options=options
+    )
 
 
 class _Compiled:
@@ -203,15 +209,16 @@ class _Compiled:
     figure's time (5-9 s a method).
     """
 
-    def __init__(self, devices):
+    def __init__(self, devices, fast_compile: bool = False):
         self.devices = tuple(devices)
+        self.fast_compile = fast_compile
         self.sharding, self.replicated = _shardings(self.devices)
         self.used = set()
 
     def _stage(self, stage, part):
         key = (stage, part, self.devices)
         self.used.add(key)
-        return _jitted(*key)
+        return _jitted(*key, self.fast_compile)
 
     def prepare(self, static):
         base = self._stage("base", static.for_base())
@@ -293,7 +300,9 @@ def run_sweep(
     ]
     finished = {key for key in todo if _chunk_done(out, *key)}
     done = resumed = len(finished)
-    compiled = _Compiled(devices)
+    # a small grid runs for less time than it compiles: compile it fast (theory/_backend.py)
+    fast_compile = compiler_options_for(plan.config_index.size) is not None
+    compiled = _Compiled(devices, fast_compile)
     lrs = jax.device_put(plan.lrs, compiled.replicated)
     with tqdm(
         total=len(todo), initial=done, unit="chunk", desc=config.name, disable=not progress
@@ -347,6 +356,7 @@ def run_sweep(
             "chunk_problems": chunk,
             "variants": len(plan.variants) * len(plan.groups),
             "compiled_functions": compiled.count,
+            "fast_compile": fast_compile,
             "devices": [str(d) for d in devices],
             "jax_x64": bool(jax.config.jax_enable_x64),
         },

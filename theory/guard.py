@@ -48,6 +48,9 @@ __all__ = [
     "readout_guard",
     "retain_core_guard",
     "guarded_gd",
+    "guarded_gd_rows",
+    "forget_output_bases",
+    "retain_core_bases",
 ]
 
 
@@ -91,11 +94,17 @@ def _range_basis(matrix: jax.Array, keep_energy: float | None = None) -> jax.Arr
     return vecs * keep
 
 
+def forget_output_bases(problem: LinearDiffusionProblem, forget: int) -> jax.Array:
+    """Per level, a basis of range(S_f,t) ``(L, n, n)`` (orthonormal or zero columns): the row
+    form of :func:`forget_output_guard` (for :func:`guarded_gd_rows`)."""
+    s_f, _ = prompt_moments(problem, problem.embeddings[:, forget], problem.concept_means[:, forget])
+    return jax.vmap(_range_basis)(s_f)
+
+
 def forget_output_guard(problem: LinearDiffusionProblem, forget: int) -> jax.Array:
     """Every direction that moves the erased prompt's denoiser output on its data, ``(N, N)``
     columns (orthonormal or zero)."""
-    s_f, _ = prompt_moments(problem, problem.embeddings[:, forget], problem.concept_means[:, forget])
-    return _row_guard(jax.vmap(_range_basis)(s_f), problem.dim)
+    return _row_guard(forget_output_bases(problem, forget), problem.dim)
 
 
 def readout_guard(gradients) -> jax.Array:
@@ -105,15 +114,21 @@ def readout_guard(gradients) -> jax.Array:
     return u * (s > 1e-10 * s[0])
 
 
-def retain_core_guard(problem: LinearDiffusionProblem, retain, *, energy: float = 0.97) -> jax.Array:
-    """PGU-style core gradient space of the retained concepts (module docstring), ``(N, N)``
-    columns; ``energy`` is the share of the input second moment's trace it keeps (GPM's
-    threshold style; 0.97 is our choice)."""
+def retain_core_bases(problem: LinearDiffusionProblem, retain, *, energy: float = 0.97) -> jax.Array:
+    """Per level, the PGU-style core basis ``(L, n, n)``: the row form of
+    :func:`retain_core_guard` (for :func:`guarded_gd_rows`)."""
     total = None
     for p in retain:
         s_p, _ = prompt_moments(problem, problem.embeddings[:, p], problem.concept_means[:, p])
         total = s_p if total is None else total + s_p
-    return _row_guard(jax.vmap(lambda s: _range_basis(s, energy))(total), problem.dim)
+    return jax.vmap(lambda s: _range_basis(s, energy))(total)
+
+
+def retain_core_guard(problem: LinearDiffusionProblem, retain, *, energy: float = 0.97) -> jax.Array:
+    """PGU-style core gradient space of the retained concepts (module docstring), ``(N, N)``
+    columns; ``energy`` is the share of the input second moment's trace it keeps (GPM's
+    threshold style; 0.97 is our choice)."""
+    return _row_guard(retain_core_bases(problem, retain, energy=energy), problem.dim)
 
 
 def guarded_gd(problem: LinearDiffusionProblem, moments, theta_u, guard, lr, steps) -> GuardedGD:
@@ -140,5 +155,31 @@ def guarded_gd(problem: LinearDiffusionProblem, moments, theta_u, guard, lr, ste
     moved = -(amp * coords) @ w.T
     params = theta_u[None] + moved.reshape((-1,) + theta_u.shape)
     removed = jnp.linalg.norm(g - projector @ g) / jnp.linalg.norm(g)
+    losses = jax.vmap(lambda t: diffusion_loss(t, moments, sched))(params)
+    return GuardedGD(params, removed, losses)
+
+
+def guarded_gd_rows(problem: LinearDiffusionProblem, moments, theta_u, bases, lr, steps) -> GuardedGD:
+    """:func:`guarded_gd` for a row guard (each row of theta_t projected off span(``bases[t]``)),
+    the form of :func:`forget_output_guard` and :func:`retain_core_guard`, without dense algebra.
+
+    Such a guard commutes with the block structure of the Hessian (I_d kron 2 w_t S_t per level),
+    so P H P is I_d kron P_t (2 w_t S_t) P_t: one ``(n, n)`` eigendecomposition per level instead
+    of one ``(N, N)`` (N = L d n). The dense form stays the reference (tested equal).
+
+    Args:
+      bases: ``(L, n, n)`` per-level columns, orthonormal or zero (zeros: plain GD).
+      (others as :func:`guarded_gd`)
+    """
+    sched = problem.schedule
+    eye = jnp.eye(bases.shape[-1], dtype=moments.dtype)
+    proj = eye - bases @ jnp.swapaxes(bases, -1, -2)  # (L, n, n), symmetric
+    mu, w = jnp.linalg.eigh(proj @ (2.0 * sched.weights[:, None, None] * moments) @ proj)
+    g = diffusion_grad(theta_u, moments, sched)  # (L, d, n)
+    g_kept = g @ proj
+    coords = g_kept @ w  # (L, d, n)
+    amp = gd_amplification(mu, lr, jnp.asarray(steps))  # (S, L, n)
+    params = theta_u[None] - (amp[:, :, None, :] * coords[None]) @ jnp.swapaxes(w, -1, -2)[None]
+    removed = jnp.linalg.norm(g - g_kept) / jnp.linalg.norm(g)
     losses = jax.vmap(lambda t: diffusion_loss(t, moments, sched))(params)
     return GuardedGD(params, removed, losses)

@@ -30,6 +30,7 @@ def _stages():
     Only the unlearning is compiled once per method: compiling the whole study per method took
     8 x 12 s, most of this figure's cold time.
     """
+    from theory._backend import FAST_COMPILE_OPTIONS
     from theory.finetune import finetune_setup, gd_closed_form, top_k_closure
     from theory.law import gd_amplification, predict_readout_change
     from theory.pretrain import bayes_optimal_denoiser
@@ -52,7 +53,7 @@ def _stages():
         def run(problem, theta_0):
             return unlearn_with(problem, theta_0, get_method(method), (0,), (1, 2))[0]
 
-        return jax.jit(jax.vmap(run))
+        return jax.jit(jax.vmap(run), compiler_options=FAST_COMPILE_OPTIONS)
 
     def analyse(problem, theta_0, theta_u):
         ft = DataDistribution(problem.embeddings, problem.concept_means, ft_probs, jnp.zeros(()))
@@ -81,7 +82,8 @@ def _stages():
         exact = {n: jax.vmap(ro.value[n])(thetas) for n in READOUT_NAMES}
         return law, exact, presence - score(theta_u), jnp.stack(truncated), presence
 
-    return jax.jit(jax.vmap(base)), unlearn, jax.jit(jax.vmap(analyse))
+    fast = {"compiler_options": FAST_COMPILE_OPTIONS}  # 32 configurations: compile time dominates
+    return jax.jit(jax.vmap(base), **fast), unlearn, jax.jit(jax.vmap(analyse), **fast)
 
 
 def _tie_stable(values: np.ndarray) -> np.ndarray:

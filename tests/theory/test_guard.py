@@ -119,3 +119,21 @@ def test_dense_hessian_is_the_loss_hessian(case):
         )
     )(jnp.ravel(theta_u))
     np.testing.assert_allclose(h, auto, atol=1e-10)
+
+
+def test_row_form_equals_the_dense_guard(case):
+    """guarded_gd_rows (per-level (n, n) algebra) against guarded_gd on the dense (N, N) guard."""
+    from theory.guard import _row_guard, forget_output_bases, guarded_gd_rows, retain_core_bases
+
+    problem, _, theta_u, setup, lr = case
+    n = theta_u.shape[-1]
+    for bases in (
+        forget_output_bases(problem, 0),
+        retain_core_bases(problem, (1, 2)),
+        jnp.zeros((theta_u.shape[0], n, n)),
+    ):
+        rows = guarded_gd_rows(problem, setup.moments, theta_u, bases, lr, STEPS)
+        dense = guarded_gd(problem, setup.moments, theta_u, _row_guard(bases, problem.dim), lr, STEPS)
+        np.testing.assert_allclose(rows.params, dense.params, rtol=0, atol=1e-10)
+        np.testing.assert_allclose(rows.finetune_loss, dense.finetune_loss, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(rows.removed_fraction, dense.removed_fraction, atol=1e-12)
