@@ -31,9 +31,9 @@ from pathlib import Path
 import numpy as np
 
 from experiments.config import PARAMS, ConfigError, SweepConfig
-from theory._manifest import write_manifest
 from theory._atomic import atomic_write, remove_partial_writes
 from theory._backend import compiler_options_for, init_backend_without_lapack_deadlock
+from theory._manifest import write_manifest
 
 __all__ = ["run_sweep", "RESULTS_NAME", "SweepPlan", "sweep_plan", "enable_compilation_cache"]
 
@@ -176,7 +176,6 @@ def _jitted(stage: str, part, devices: tuple, fast_compile: bool = False):
     import jax
 
     from theory._backend import FAST_COMPILE_OPTIONS
-
     from theory.sweep import base_grid, finish_grid, observe_grid, unlearn_grid
 
     sharding, replicated = _shardings(devices)
