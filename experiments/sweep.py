@@ -32,7 +32,7 @@ import numpy as np
 
 from experiments.config import PARAMS, ConfigError, SweepConfig
 from theory._atomic import atomic_write, remove_partial_writes
-from theory._backend import compiler_options_for, init_backend_without_lapack_deadlock
+from theory._backend import compiles_fast, init_backend_without_lapack_deadlock
 from theory._manifest import write_manifest
 
 __all__ = ["run_sweep", "RESULTS_NAME", "SweepPlan", "sweep_plan", "enable_compilation_cache"]
@@ -300,7 +300,7 @@ def run_sweep(
     finished = {key for key in todo if _chunk_done(out, *key)}
     done = resumed = len(finished)
     # a small grid runs for less time than it compiles: compile it fast (theory/_backend.py)
-    fast_compile = compiler_options_for(plan.config_index.size) is not None
+    fast_compile = compiles_fast(plan.config_index.size)
     compiled = _Compiled(devices, fast_compile)
     lrs = jax.device_put(plan.lrs, compiled.replicated)
     with tqdm(

@@ -17,7 +17,7 @@ __all__ = [
     "init_backend_without_lapack_deadlock",
     "FAST_COMPILE_OPTIONS",
     "FAST_COMPILE_MAX_CONFIGURATIONS",
-    "compiler_options_for",
+    "compiles_fast",
 ]
 
 
@@ -47,7 +47,7 @@ FAST_COMPILE_OPTIONS = {"xla_backend_optimization_level": 0}
 FAST_COMPILE_MAX_CONFIGURATIONS = 2000
 
 
-def compiler_options_for(configurations: int) -> dict | None:
-    """jax.jit ``compiler_options`` for a program that will evaluate ``configurations``
-    configurations: :data:`FAST_COMPILE_OPTIONS` when compiling dominates, else XLA's default."""
-    return dict(FAST_COMPILE_OPTIONS) if configurations <= FAST_COMPILE_MAX_CONFIGURATIONS else None
+def compiles_fast(configurations: int) -> bool:
+    """Whether a program that will evaluate ``configurations`` configurations should be compiled
+    with :data:`FAST_COMPILE_OPTIONS` (compiling dominates its run time)."""
+    return configurations <= FAST_COMPILE_MAX_CONFIGURATIONS
