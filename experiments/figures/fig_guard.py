@@ -56,9 +56,9 @@ def _kernel():
         other = other - (other @ r) * r
         other = other / jnp.linalg.norm(other)
         ro = readouts(problem, theta_0, theta_u, 0, check=False)
-        n = theta_u.shape[-1]
+        width = theta_u.shape[-1]
         guards = (  # row guards as per-level bases (guarded_gd_rows), the readout guard dense
-            jnp.zeros((theta_u.shape[0], n, n), theta_u.dtype),
+            jnp.zeros((theta_u.shape[0], width, width), theta_u.dtype),
             readout_guard([ro.gradient[n] for n in ("rho", "output_rho", "sample_shift", "forget_loss_recovery")]),
             forget_output_bases(problem, 0),
             retain_core_bases(problem, (1, 2, 3)),
