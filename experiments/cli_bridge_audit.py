@@ -30,6 +30,31 @@ def _lrs(text: str) -> list[float]:
     return values
 
 
+def _testbed_classifier(path: Path, concept: int):
+    """Differentiable log-probabilities of a saved testbed :class:`ConceptClassifier`."""
+    import torch
+
+    from bridge.testbed.classifier import ConceptClassifier
+    from bridge.testbed.predict import classifier_log_probs
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        head = [v for k, v in state.items() if k.endswith("weight") and v.ndim == 2][-1]
+        model = ConceptClassifier(head.shape[0], width=state["net.0.weight"].shape[0])
+        model.load_state_dict(state)
+    except Exception as err:  # pickle/zip errors, a state dict of another model, ...
+        raise check.UsageError(
+            f"`--classifier` {check.quote(path)} is not a testbed concept classifier state dict "
+            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})."
+        ) from None
+    if concept >= head.shape[0]:
+        raise check.UsageError(
+            f"`--presence-class` {concept} is out of range: {check.quote(path)} has "
+            f"{head.shape[0]} classes."
+        )
+    return classifier_log_probs(model.eval())
+
+
 @one_line_errors
 def audit(
     base: Annotated[Path, typer.Option("--base", help="Base pipeline folder (theta_0).")],
@@ -62,6 +87,21 @@ def audit(
     ] = 4,
     sample_steps: Annotated[int, typer.Option("--sample-steps", help="DDIM steps.")] = 20,
     guidance_scale: Annotated[float, typer.Option("--guidance-scale", help="CFG scale.")] = 3.0,
+    classifier: Annotated[
+        Path | None,
+        typer.Option(
+            "--classifier",
+            help="Testbed concept classifier (state dict, bridge.testbed.classifier): rank the "
+            "candidates by predicted presence.",
+        ),
+    ] = None,
+    presence_class: Annotated[
+        int | None,
+        typer.Option("--presence-class", help="The erased concept's class in --classifier."),
+    ] = None,
+    presence_seeds: Annotated[
+        int, typer.Option("--presence-seeds", help="DDIM seeds of presence (with --classifier).")
+    ] = 32,
     seed: Annotated[int, typer.Option("--seed", help="Seed of every frozen draw.")] = 0,
     device: Annotated[str, typer.Option("--device", help="torch device.")] = "cpu",
 ) -> None:
@@ -69,8 +109,9 @@ def audit(
     forget-loss recovery over an lr x T grid from one curvature measurement each; rank them and
     name the directions responsible (audit.md, audit.png, audit.json in --out).
 
-    Presence needs a differentiable classifier: use the Python API (bridge.audit.audit) for it.
-    Every argument is checked before any weights load; a bad one exits with code 2 and one line."""
+    With --classifier (the testbed's concept classifier, e.g. RUN/classifier.pt of `bridge demo`)
+    and --presence-class, presence is predicted too and ranks the candidates; other classifiers
+    go through the Python API (bridge.audit.audit). Every argument is checked before any weights load; a bad one exits with code 2 and one line."""
     lr_list = _lrs(lrs)
     step_list = check.step_list("--steps", steps)
     check.choice("--curvature", curvature, ("ggn", "hessian"))
@@ -79,6 +120,7 @@ def audit(
         ("--probe-batch", probe_batch),
         ("--forget-images", forget_images),
         ("--sample-steps", sample_steps),
+        ("--presence-seeds", presence_seeds),
     ):
         check.at_least(option, value, 1)
     check.at_least("--krylov-max", krylov_max, 0)
@@ -89,6 +131,13 @@ def audit(
     for folder in finetune_data:
         check.caption_folder("--finetune-data", folder)
     check.parameter_group("--group", group, unet_dir)
+    if (classifier is None) != (presence_class is None):
+        raise check.UsageError("give `--classifier` and `--presence-class` together (presence).")
+    if classifier is not None:
+        if not classifier.is_file():
+            raise check.UsageError(f"`--classifier` {check.quote(classifier)} is not a file.")
+        check.at_least("--presence-class", presence_class, 0)
+        log_probs = _testbed_classifier(classifier, presence_class)  # before any weights load
 
     from bridge.audit import Candidate, audit_markdown, plot_audit
     from bridge.audit import audit as run_audit
@@ -118,10 +167,19 @@ def audit(
         text, list(forget_prompt), base=pipe.unet, sampler=sampler,
         alphas_cumprod=sched.alphas_cumprod, batch_size=probe_batch, seed=seed,
     )  # fmt: skip
+    presence = {}
+    if classifier is not None:
+        presence = {
+            "sampler": sampler_probe(text, forget_prompt[0], scheduler=sched,
+                                     seeds=range(presence_seeds), steps=sample_steps,
+                                     guidance_scale=guidance_scale),
+            "log_probs": log_probs,
+            "concept": presence_class,
+        }  # fmt: skip
     report = run_audit(
         pipe.unet, theta_u, text, sched, cands, forget_batches=forget, lrs=lr_list,
         steps=step_list, group=group, curvature=curvature, top_k=top_k, krylov_max=krylov_max,
-        probe_batch=probe_batch, seed=seed, progress=True,
+        probe_batch=probe_batch, seed=seed, progress=True, **presence,
     )  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     (out / "audit.md").write_text(audit_markdown(report))
@@ -131,7 +189,9 @@ def audit(
         out,
         config={"base": str(base), "unlearned": str(unlearned), "forget_prompts": forget_prompt,
                 "finetune_data": [str(f) for f in finetune_data], "lrs": lr_list,
-                "steps": step_list, "group": group, "curvature": curvature, "top_k": top_k},
+                "steps": step_list, "group": group, "curvature": curvature, "top_k": top_k,
+                "classifier": None if classifier is None else str(classifier),
+                "presence_class": presence_class, "presence_seeds": presence_seeds},
         seeds={"seed": seed},
         wall_time=time.time() - t0,
     )  # fmt: skip

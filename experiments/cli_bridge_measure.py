@@ -37,8 +37,8 @@ def _text_folder(base: Path, given: Path | None) -> Path:
 def _save(result, out: Path, *, args: dict, seed: int, wall_time: float) -> None:
     """Write ``measurement.nc`` (h5netcdf), ``manifest.json`` and ``spectrum.png``, atomically."""
     from bridge.measure import plot_spectrum
-    from theory._manifest import write_manifest
     from theory._atomic import atomic_write
+    from theory._manifest import write_manifest
 
     out.mkdir(parents=True, exist_ok=True)
     dataset = result.to_xarray()

@@ -135,3 +135,46 @@ def test_audit_command_writes_report_and_refuses_bad_candidates(world, world_mod
     res = runner.invoke(app, [*args, *cands, "--out", str(tmp_path / "bad")])
     assert res.exit_code == 2 and res.stderr.count("\n") == 1, res.stderr
     assert "caption files do not match images" in res.stderr and "c2" in res.stderr
+
+
+def test_audit_command_ranks_by_presence_with_a_testbed_classifier(world, world_model, tmp_path):
+    from typer.testing import CliRunner
+
+    from bridge.testbed.classifier import ConceptClassifier
+    from bridge.tiny import save_tiny_pipeline
+    from bridge.unlearn_io import save_unlearned
+    from experiments.cli import app
+
+    unet, text, sched = world_model
+    folder = save_tiny_pipeline(tmp_path / "base", unet, text, scheduler=sched)
+    edited = apply_uce(unet, uce_token_embeddings(text, ["a red circle"]), lam=0.1)
+    uce = save_unlearned(edited, tmp_path / "u", method="uce", args={}, seed=None, base_unet=unet)
+    torch.manual_seed(0)
+    clf = tmp_path / "classifier.pt"
+    torch.save(ConceptClassifier(len(world.concepts), width=4).state_dict(), clf)
+    g = torch.Generator().manual_seed(0)
+    dirs = [save_caption_folder(world.sample(torch.full((2,), i), g), [world.captions[i]] * 2,
+                                tmp_path / f"c{i}") for i in (1, 2)]  # fmt: skip
+    args = ["bridge", "audit", "--base", str(folder), "--unlearned", str(uce),
+            "--forget-prompt", "a red circle", "--lrs", "0.05", "--steps", "1,2", "--top-k", "2",
+            "--forget-images", "2", "--sample-steps", "2", "--presence-seeds", "3",
+            *[x for d in dirs for x in ("--finetune-data", str(d))]]  # fmt: skip
+    runner = CliRunner()
+    out = tmp_path / "audit"
+    res = runner.invoke(app, [*args, "--classifier", str(clf), "--presence-class", "0",
+                              "--out", str(out)])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    report = json.loads((out / "audit.json").read_text())
+    assert report["rank_by"] == "presence" and "presence" in report["values_unlearned"]
+    scores = {c["name"]: c["score"] for c in report["candidates"]}
+    assert report["ranking"] == sorted(scores, key=lambda n: -scores[n])
+    for c in report["candidates"]:  # the score is the presence generated at the predicted point
+        assert c["score"] == pytest.approx(c["predicted_at_points"]["presence"][0][-1])
+    for extra, message in (
+        (["--classifier", str(clf)], "give `--classifier` and `--presence-class` together"),
+        (["--classifier", str(clf), "--presence-class", "9"], "`--presence-class` 9 is out of"),
+        (["--classifier", str(dirs[0]), "--presence-class", "0"], "is not a file"),
+    ):
+        res = runner.invoke(app, [*args, *extra, "--out", str(tmp_path / "bad")])
+        assert res.exit_code == 2 and res.stderr.count("\n") == 1, res.stderr
+        assert message in res.stderr, res.stderr

@@ -222,3 +222,46 @@ def test_finetune_command_with_guards_and_its_one_line_errors(world, world_model
         res = runner.invoke(app, [*common, "--out", str(tmp_path / "bad"), *extra])
         assert res.exit_code == 2 and res.stderr.count("\n") == 1, res.stderr
         assert message in res.stderr
+
+
+def test_default_guard_with_a_classifier_keeps_presence_first_order_still_at_every_gd_step(
+    setup, world_model
+):
+    """With a classifier the guard holds the presence readouts only; refreshed every step, every
+    GD step leaves presence and its log-probability unchanged to first order, checked by central
+    differences of forward DDIM samples (no guard code, no autograd) against plain GD's change."""
+    from bridge.probes import sampler_probe
+    from bridge.sampler import sample_at
+
+    base, unlearned, data, _, sched, probes, _ = setup
+    smp = sampler_probe(world_model[1], "a red circle", scheduler=sched, seeds=range(4), steps=3,
+                        guidance_scale=3.0)  # fmt: skip
+    weights = torch.randn(3 * 8 * 8, 4, generator=torch.Generator().manual_seed(1),
+                          dtype=torch.float64)  # fmt: skip
+
+    def log_probs(images):  # a smooth float64 "classifier": FD precision stays at 1e-13
+        return torch.log_softmax(images.flatten(1).double() @ weights, dim=-1)
+
+    guard = forget_subspace_guard(base, dataclasses.replace(probes, sampler=smp),
+                                  log_probs=log_probs, concept=0, refresh_every=1)  # fmt: skip
+    group = select_group(unlearned, SPEC)
+    thetas = [group.values(unlearned)]
+    lr = 0.05
+    finetune(unlearned, data, _cfg(steps=3, lr=lr), scheduler=sched, guard=guard, progress=False,
+             on_step=lambda _: thetas.append(group.values(guard.model).clone()))  # fmt: skip
+    assert guard.label.endswith(": presence, presence_logprob") and guard.basis.shape[1] == 2
+
+    def readouts(theta):
+        with torch.no_grad():
+            lp = log_probs(sample_at(unlearned, group, theta, smp))[:, 0]
+        return torch.stack([lp.exp().mean(), lp.mean()])
+
+    def change(theta, step, eps=1e-3):
+        return (readouts(theta + eps * step) - readouts(theta - eps * step)) / (2 * eps)
+
+    loss = FrozenDiffusionLoss(copy.deepcopy(unlearned), group, data.probe_batches)
+    for k, (a, b) in enumerate(zip(thetas, thetas[1:], strict=False)):
+        plain = change(a, -lr * loss.gradient(a))
+        assert plain.abs().min() > 1e-8, k  # plain GD does move both readouts
+        assert (change(a, b - a).abs() <= 1e-6 * plain.abs()).all(), (k, change(a, b - a), plain)
+    assert len(thetas) == 4
