@@ -61,6 +61,8 @@ class DemoConfig:
     pretrain_lr: float = 3e-3
     p_null: float = 0.1
     classifier_steps: int = 600
+    # load bridge/testbed/weights when the keys above match the ones it was trained with
+    shipped_weights: bool = True
     # unlearning
     erase: str = "a red circle on white"
     methods: tuple[str, ...] = ("uce", "uce-v", "esd-x")

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bridge.testbed.shipped import SHIPPED, copy_shipped_base, copy_shipped_classifier
 from theory._atomic import atomic_directory, atomic_write, atomic_write_json
 
 __all__ = ["Stages", "adamw_config", "adamw_history", "log"]
@@ -40,6 +41,10 @@ class Stages:
         from bridge.testbed.train import ModelConfig, pretrain
 
         folder = self.run / "base"
+        if not _done(folder / "done.json") and self.cfg.shipped_weights:
+            if copy_shipped_base(self.cfg, folder):
+                log(f"loaded the shipped pretrained tiny UNet ({SHIPPED / 'base'})")
+                atomic_write_json(folder / "done.json", {"shipped": True})
         if not _done(folder / "done.json"):
             log(f"pretraining the tiny UNet ({self.cfg.pretrain_steps} steps)")
             t0 = time.time()
@@ -68,6 +73,9 @@ class Stages:
         from bridge.testbed.classifier import ConceptClassifier, train_classifier
 
         path, meta = self.run / "classifier.pt", self.run / "classifier.json"
+        if not (_done(path) and _done(meta)) and self.cfg.shipped_weights:
+            if copy_shipped_classifier(self.cfg, self.run):
+                log(f"loaded the shipped concept classifier ({SHIPPED / 'classifier.pt'})")
         if not (_done(path) and _done(meta)):
             log("training the concept classifier")
             t0 = time.time()
