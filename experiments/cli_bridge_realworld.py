@@ -294,7 +294,10 @@ def experiment(
     summary = run_experiment(bundle, cfg, out)
     verdicts = _report([out], out)
     write_manifest(
-        out, config=cfg.to_dict(), seeds={"seed": cfg.seed}, wall_time=time.time() - t0,
+        out,
+        config=cfg.to_dict(),
+        seeds={"seed": cfg.seed},
+        wall_time=time.time() - t0,
         extra={"model": str(model), "summary": summary},
     )
     typer.echo(json.dumps({"rows": summary["rows"], "claims": verdicts}, indent=1))
@@ -318,3 +321,90 @@ def report(
     if out is None and len(folders) > 1:
         raise check.UsageError("give `--out` to merge several folders.")
     typer.echo(json.dumps(_report(list(folders), out or folders[0]), indent=1))
+
+
+@realworld_app.command("predict")
+@one_line_errors
+def predict(
+    task: Annotated[str, typer.Option("--task", help="A concept task of the config, e.g. ship.")],
+    method: Annotated[
+        str, typer.Option("--method", help="Unlearning method of the config.")
+    ] = "uce",
+    model: Annotated[
+        Path | None,
+        typer.Option("--model", help="Model folder written by `train`; default: the shipped one."),
+    ] = None,
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            help="Run folder (an experiment's folder reuses its unlearned "
+            "UNet and fine-tuning sets; finished bins are skipped).",
+        ),
+    ] = Path("runs/realworld/predict"),
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config", help="Experiment TOML (default: configs/realworld_experiment.toml)."
+        ),
+    ] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override KEY=VALUE of the experiment config.")
+    ] = None,
+    gd_steps: Annotated[int, typer.Option("--gd-steps", help="Largest GD step count T.")] = 20,
+    lr_fractions: Annotated[
+        str, typer.Option("--lr-fractions", help="GD step sizes, fractions of 2/lambda_max.")
+    ] = "0.3,0.6,0.9",
+    top_k: Annotated[int, typer.Option("--top-k", help="Eigenpairs (closure predictor).")] = 4,
+    probe_batch: Annotated[int, typer.Option("--probe-batch", help="Samples per batch.")] = 16,
+    presence_seeds: Annotated[
+        int, typer.Option("--presence-seeds", help="DDIM seeds of predicted/measured presence.")
+    ] = 16,
+    forget_images: Annotated[
+        int,
+        typer.Option("--forget-images", help="Base samples of the erased prompt (forget loss)."),
+    ] = 16,
+    curvature: Annotated[
+        str, typer.Option("--curvature", help="ggn (the linearised network) or hessian.")
+    ] = "ggn",
+) -> None:
+    """The law's predicted presence / output_rho per similarity bin vs measured full-batch GD.
+
+    One curvature measurement per bin at the unlearned UNet; predictions for every lr x T; then
+    GD on the same frozen loss and group, measured. Writes out/predict/<task>/<method>_<config>/
+    (one JSON a bin, summary.json with pooled Spearman and errors)."""
+    from bridge.realworld.bundle import SHIPPED_MODEL, load_model
+    from bridge.realworld.experiment import check_tasks
+    from bridge.realworld.predict import PredictSettings, predict_realworld
+
+    cfg = _experiment_config(config, set_)
+    try:
+        fractions = tuple(float(x) for x in lr_fractions.split(",") if x.strip())
+        settings = PredictSettings(
+            lr_fractions=fractions, gd_steps=gd_steps, top_k=top_k, probe_batch=probe_batch,
+            presence_seeds=presence_seeds, forget_images=forget_images, curvature=curvature,
+        )  # fmt: skip
+    except ValueError as err:
+        raise check.UsageError(f"bad option: {err}") from None
+    if task not in cfg.tasks:
+        raise check.UsageError(f"`--task` {task!r} is not in the config's tasks {list(cfg.tasks)}.")
+    if method not in cfg.methods:
+        raise check.UsageError(
+            f"`--method` {method!r} is not in the config's methods {list(cfg.methods)}."
+        )
+    model = model or SHIPPED_MODEL
+    if not (model / "fingerprints.json").is_file():
+        raise check.UsageError(
+            f"`--model` {check.quote(model)} is not a trained model folder (no fingerprints.json)."
+        )
+    _need_minilm()
+    with blame("--model", model):
+        bundle = load_model(model)
+    with blame("--set tasks", list(cfg.tasks)):
+        check_tasks(cfg, bundle.world)
+    try:
+        summary = predict_realworld(bundle, cfg, out, task=task, method=method, settings=settings)
+    except ValueError as err:  # a style task: no concept class to predict
+        raise check.UsageError(str(err)) from None
+    typer.echo(json.dumps({k: summary.get(k) for k in ("presence", "output_rho", "wall_time_s")},
+                          indent=1))  # fmt: skip

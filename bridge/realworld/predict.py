@@ -1,0 +1,196 @@
+"""The resurgence law's predictions on the real-image testbed, beside measured fine-tuning.
+
+For one task and unlearning run of the experiment (:mod:`bridge.realworld.experiment`; its
+cached unlearned UNet and fine-tuning sets are reused when ``out`` is the experiment's folder),
+each similarity bin's fine-tuning set gets one curvature measurement at theta_u, from which the
+law predicts presence (generated at the predicted parameters, :func:`bridge.predict.
+predict_at_points`), ``output_rho`` and forget-loss recovery for every learning rate and step;
+full-batch GD on the same frozen loss, group and seeds is then run and measured
+(:func:`bridge.testbed.predict.predict_and_measure`, the tiny testbed's pipeline, unchanged).
+GD on the cross-attention is the law's own setting; the experiment's LoRA / full AdamW runs
+are a different optimiser, so they are not what the law is compared with here.
+
+Layout (a rerun skips finished bins)::
+
+    out/predict/<task>/<method>_<config>/<bin>.json   one bin: predicted and measured readouts
+    out/predict/<task>/<method>_<config>/summary.json pooled agreement, per bin
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from theory._atomic import atomic_write_json
+
+__all__ = ["PredictSettings", "predict_realworld", "summarise_predictions"]
+
+
+class PredictSettings:
+    """Knobs of the prediction run (defaults: the tiny testbed demo's, scaled to this UNet)."""
+
+    def __init__(
+        self,
+        *,
+        group: str = "cross-attn",
+        lr_fractions: tuple[float, ...] = (0.3, 0.6, 0.9),
+        gd_steps: int = 20,
+        top_k: int = 4,
+        probe_batch: int = 16,
+        presence_seeds: int = 16,
+        forget_images: int = 16,
+        curvature: str = "ggn",
+    ) -> None:
+        for name, value in (("gd_steps", gd_steps), ("top_k", top_k),
+                            ("probe_batch", probe_batch), ("presence_seeds", presence_seeds),
+                            ("forget_images", forget_images)):  # fmt: skip
+            if value < 1:
+                raise ValueError(f"`{name}` must be >= 1, got {value}.")
+        if not lr_fractions or any(not 0 < f < 1 for f in lr_fractions):
+            raise ValueError(
+                f"`lr_fractions` must lie in (0, 1) (of 2/lambda_max), got {lr_fractions}."
+            )
+        if curvature not in ("ggn", "hessian"):
+            raise ValueError(f"`curvature` must be 'ggn' or 'hessian', got {curvature!r}.")
+        self.group, self.lr_fractions, self.gd_steps = group, tuple(lr_fractions), gd_steps
+        self.top_k, self.probe_batch, self.presence_seeds = top_k, probe_batch, presence_seeds
+        self.forget_images, self.curvature = forget_images, curvature
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(vars(self), lr_fractions=list(self.lr_fractions))
+
+
+def _forget_batches(model, prompt: str, n: int, cfg, seed: int):
+    """Probe batches of the erased prompt's images sampled from the base model (theta_0)."""
+    from bridge.loss import make_probe_batches
+    from bridge.realworld.pipeline import sample_finetune_set
+
+    images, _ = sample_finetune_set(model.unet, model.text, model.scheduler,
+                                    [(prompt, 50_000 + i) for i in range(n)],
+                                    steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale)  # fmt: skip
+    cond = model.text.encode_prompts([prompt])
+    return make_probe_batches(images, cond, model.scheduler.alphas_cumprod, batch_size=n,
+                              seed=seed + 303)  # fmt: skip
+
+
+def predict_realworld(
+    model,
+    cfg,
+    out_dir,
+    *,
+    task: str,
+    method: str = "uce",
+    settings: PredictSettings | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Predicted vs measured readouts for every similarity bin of one task and method.
+
+    Args:
+      model: the base :class:`~bridge.realworld.bundle.RealWorldModel`.
+      cfg: the :class:`~bridge.realworld.experiment.ExperimentConfig` (protocol, unlearning
+        options, sampling); its first unlearning config of ``method`` is used.
+      out_dir: the run folder (the experiment's folder reuses its unlearned UNet and sets).
+      task: a concept task of the config (the style task has no concept classifier class).
+      method: the unlearning method. settings: :class:`PredictSettings`. progress: bars.
+
+    Returns:
+      The summary (also written to ``summary.json``): per bin the predicted and measured
+      presence over (lr, T), pooled Spearman and median absolute error.
+
+    Raises:
+      ValueError: a task not in the config or the world, a style task, or a method the config
+        does not unlearn with.
+    """
+    from bridge.realworld.evaluate import task_target
+    from bridge.realworld.experiment import _finetune_set, _slug, _unlearned, check_tasks
+    from bridge.testbed.predict import predict_and_measure
+
+    settings = settings or PredictSettings()
+    if task not in cfg.tasks:
+        raise ValueError(f"task {task!r} is not in the config's tasks {list(cfg.tasks)}.")
+    if method not in cfg.methods:
+        raise ValueError(f"method {method!r} is not in the config's methods {list(cfg.methods)}.")
+    torch.set_num_threads(cfg.threads)
+    the_task = check_tasks(cfg, model.world)[task]
+    kind, concept = task_target(the_task, model.world.concepts, model.world.styles)
+    if kind != "concept":
+        raise ValueError(
+            f"task {task!r} is a style task: presence predictions need a concept class."
+        )
+    label, options = cfg.unlearning_configs(method)[0]
+    out = Path(out_dir)
+    folder = out / "predict" / _slug(task) / f"{_slug(method)}_{_slug(label)}"
+    folder.mkdir(parents=True, exist_ok=True)
+    protocol = cfg.protocol()
+    bins = protocol.bins(the_task, model.text.similarity)
+    erased = the_task.erased[0]
+    unlearned = _unlearned(model, the_task, method, label, options, cfg, out)
+    forget = _forget_batches(model, erased, settings.forget_images, cfg, cfg.seed)
+    steps = [settings.gd_steps * k // 4 for k in range(5)]
+    t0 = time.time()
+    records = {}
+    for bin_ in tqdm(bins, desc=f"predict {task}/{method}", disable=not progress):
+        path = folder / f"{bin_.label}.json"
+        if not path.is_file():
+            data = _finetune_set(model, the_task, bin_, protocol, cfg, out)
+            rec = predict_and_measure(
+                model.unet, unlearned, model.text, model.scheduler, model.presence,
+                method=method, erase=erased, concept=concept, captions=list(data["captions"]),
+                images=data["images"], forget_batches=forget, group=settings.group,
+                lr_fractions=settings.lr_fractions, steps=steps, top_k=settings.top_k,
+                probe_batch=settings.probe_batch,
+                seeds=list(range(10_000, 10_000 + settings.presence_seeds)),
+                sample_steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale, seed=cfg.seed,
+                curvature=settings.curvature, progress=False,
+            )  # fmt: skip
+            rec["bin"] = {"label": bin_.label, "concepts": list(bin_.concepts),
+                          "low": bin_.low, "high": bin_.high}  # fmt: skip
+            atomic_write_json(path, rec)
+        records[bin_.label] = json.loads(path.read_text())
+    summary = summarise_predictions(records)
+    summary.update(task=task, method=method, config=label, erased_prompt=erased,
+                   settings=settings.to_dict(), wall_time_s=round(time.time() - t0, 1))  # fmt: skip
+    atomic_write_json(folder / "summary.json", summary)
+    return summary
+
+
+def summarise_predictions(records: dict[str, dict]) -> dict[str, Any]:
+    """Pooled agreement of predicted and measured presence (and output_rho) over bins x lr x T.
+
+    Step 0 (theta_u itself, equal by construction) is left out of the pooled statistics.
+    """
+    from scipy.stats import spearmanr
+
+    per_bin, pooled = {}, {"presence": ([], []), "output_rho": ([], [])}
+    for label, rec in records.items():
+        row = {"concepts": rec["bin"]["concepts"], "lrs": rec["lrs"], "steps": rec["steps"],
+               "presence_unlearned": rec["values_unlearned"].get("presence")}  # fmt: skip
+        for name in pooled:
+            if name not in rec["predicted"]:
+                continue
+            pred = np.asarray(rec["predicted"][name])[:, 1:]
+            meas = np.asarray(rec["measured"][name])[:, 1:]
+            pooled[name][0].extend(pred.ravel().tolist())
+            pooled[name][1].extend(meas.ravel().tolist())
+            row[f"{name}_predicted_final"] = pred[:, -1].tolist()
+            row[f"{name}_measured_final"] = meas[:, -1].tolist()
+        per_bin[label] = row
+    out: dict[str, Any] = {"bins": per_bin}
+    for name, (pred, meas) in pooled.items():
+        if len(pred) < 2:
+            continue
+        p, m = np.asarray(pred), np.asarray(meas)
+        rho = spearmanr(p, m).statistic
+        out[name] = {
+            "points": len(p),
+            "spearman": None if np.isnan(rho) else float(rho),
+            "median_abs_error": float(np.median(np.abs(p - m))),
+            "max_abs_error": float(np.max(np.abs(p - m))),
+        }
+    return out
