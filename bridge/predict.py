@@ -266,10 +266,16 @@ def predict_at_points(
     """
     out = {n: np.zeros((len(lrs), len(steps))) for n in names}
     theta_u = readouts.theta_u
+    at_u = None  # readouts at theta_u: every lr's zero displacement (T = 0) is evaluated once
     for r, lr in enumerate(lrs):
         disp = predict_displacement(curv, lr=lr, steps=steps, predictor=predictor, exact=exact)
         for s in range(len(steps)):
-            flat = theta_u + torch.as_tensor(disp[s]).to(theta_u)
-            for name, value in readouts.values(flat, names).items():
+            step = torch.as_tensor(disp[s]).to(theta_u)
+            if not torch.any(step):
+                at_u = at_u if at_u is not None else readouts.values(theta_u + step, names)
+                values = at_u
+            else:
+                values = readouts.values(theta_u + step, names)
+            for name, value in values.items():
                 out[name][r, s] = value
     return out

@@ -372,10 +372,11 @@ def predict(
 
     One curvature measurement per bin at the unlearned UNet; predictions for every lr x T; then
     GD on the same frozen loss and group, measured. Writes out/predict/<task>/<method>_<config>/
-    (one JSON a bin, summary.json with pooled Spearman and errors)."""
+    (one JSON a bin, summary.json with pooled Spearman and errors) and out/predict/predictions.png
+    (every task predicted so far)."""
     from bridge.realworld.bundle import SHIPPED_MODEL, load_model
     from bridge.realworld.experiment import check_tasks
-    from bridge.realworld.predict import PredictSettings, predict_realworld
+    from bridge.realworld.predict import PredictSettings, plot_predictions, predict_realworld
 
     cfg = _experiment_config(config, set_)
     try:
@@ -406,5 +407,7 @@ def predict(
         summary = predict_realworld(bundle, cfg, out, task=task, method=method, settings=settings)
     except ValueError as err:  # a style task: no concept class to predict
         raise check.UsageError(str(err)) from None
+    folders = sorted(p.parent for p in (out / "predict").glob("*/*/summary.json"))
+    plot_predictions(folders, out / "predict" / "predictions.png")  # every task run so far
     typer.echo(json.dumps({k: summary.get(k) for k in ("presence", "output_rho", "wall_time_s")},
                           indent=1))  # fmt: skip

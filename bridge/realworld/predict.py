@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from theory._atomic import atomic_write_json
 
-__all__ = ["PredictSettings", "predict_realworld", "summarise_predictions"]
+__all__ = ["PredictSettings", "plot_predictions", "predict_realworld", "summarise_predictions"]
 
 
 class PredictSettings:
@@ -194,3 +194,57 @@ def summarise_predictions(records: dict[str, dict]) -> dict[str, Any]:
             "max_abs_error": float(np.max(np.abs(p - m))),
         }
     return out
+
+
+def plot_predictions(folders, path) -> Path:
+    """Predicted vs measured readouts, one panel a readout, every (task, bin, lr, T > 0).
+
+    Args:
+      folders: prediction folders (``out/predict/<task>/<method>_<config>``), one per task.
+      path: the PNG to write.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    readouts = (("presence", "presence of the erased concept (classifier)"),
+                ("output_rho", "output_rho (erased prompt's denoiser output)"))  # fmt: skip
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.8), constrained_layout=True)
+    markers = "osD^v"
+    colours = plt.cm.viridis(np.linspace(0.0, 0.85, 4))
+    for ax, (name, label) in zip(axes, readouts, strict=True):
+        lo, hi, pooled = np.inf, -np.inf, ([], [])
+        for t, folder in enumerate(folders):
+            folder = Path(folder)
+            summary = json.loads((folder / "summary.json").read_text())
+            for b, (bin_label, row) in enumerate(summary["bins"].items()):
+                rec = json.loads((folder / f"{bin_label}.json").read_text())
+                pred = np.asarray(rec["predicted"][name])[:, 1:].ravel()
+                meas = np.asarray(rec["measured"][name])[:, 1:].ravel()
+                pooled[0].extend(pred)
+                pooled[1].extend(meas)
+                lo, hi = min(lo, pred.min(), meas.min()), max(hi, pred.max(), meas.max())
+                tag = f"{summary['task']}, {bin_label} ({', '.join(row['concepts'][:2])}...)"
+                ax.scatter(meas, pred, s=28, marker=markers[t % len(markers)],
+                           color=colours[b % len(colours)], alpha=0.85, label=tag)  # fmt: skip
+        pad = 0.05 * max(hi - lo, 1e-3)
+        ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="0.5", lw=1, ls="--",
+                label="predicted = measured")  # fmt: skip
+        err = np.median(np.abs(np.asarray(pooled[0]) - np.asarray(pooled[1])))
+        ax.set_title(f"{name}: median |predicted - measured| = {err:.3g}", fontsize=11)
+        ax.set_xlabel(f"measured after GD: {label}")
+        ax.set_ylabel("predicted by the law (one curvature measurement)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, loc="upper left")
+    methods = sorted(
+        {json.loads((Path(f) / "summary.json").read_text())["method"] for f in folders}
+    )
+    fig.suptitle(f"Real-image testbed, {'/'.join(m.upper() for m in methods)}-unlearned UNet: the "
+                 "law's prediction vs full-batch GD on the cross-attention (colour: MiniLM-"
+                 "similarity bin, dark = least similar)", fontsize=11)  # fmt: skip
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path

@@ -10,7 +10,7 @@ from scipy.stats import spearmanr
 from typer.testing import CliRunner
 
 from bridge.realworld.experiment import ExperimentConfig
-from bridge.realworld.predict import PredictSettings, predict_realworld
+from bridge.realworld.predict import PredictSettings, plot_predictions, predict_realworld
 from experiments.cli_bridge_realworld import realworld_app
 from tests.bridge_realworld._noto import requires_noto
 
@@ -51,6 +51,9 @@ def test_predictions_per_bin_pool_into_the_summary_and_a_rerun_skips_them(
     expected = spearmanr(pred, meas).statistic
     got = summary["presence"]["spearman"]
     assert (got is None and np.isnan(expected)) or got == pytest.approx(expected)
+
+    png = plot_predictions([folder], tmp_path / "predictions.png")
+    assert png.stat().st_size > 10_000  # drawn from the same records (looked at: docs/realworld.md)
 
     def no_work(*args, **kwargs):
         raise AssertionError("a finished bin was recomputed")
