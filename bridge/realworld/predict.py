@@ -225,7 +225,10 @@ def plot_predictions(folders, path) -> Path:
                 pooled[0].extend(pred)
                 pooled[1].extend(meas)
                 lo, hi = min(lo, pred.min(), meas.min()), max(hi, pred.max(), meas.max())
-                tag = f"{summary['task']}, {bin_label} ({', '.join(row['concepts'][:2])}...)"
+                names = ", ".join(row["concepts"][:2]) + (
+                    ", ..." if len(row["concepts"]) > 2 else ""
+                )
+                tag = f"{summary['task']}, {bin_label} ({names})"
                 ax.scatter(meas, pred, s=28, marker=markers[t % len(markers)],
                            color=colours[b % len(colours)], alpha=0.85, label=tag)  # fmt: skip
         pad = 0.05 * max(hi - lo, 1e-3)
@@ -236,13 +239,16 @@ def plot_predictions(folders, path) -> Path:
         ax.set_xlabel(f"measured after GD: {label}")
         ax.set_ylabel("predicted by the law (one curvature measurement)")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7, loc="upper left")
+    axes[0].legend(fontsize=7, loc="best")
     methods = sorted(
         {json.loads((Path(f) / "summary.json").read_text())["method"] for f in folders}
     )
-    fig.suptitle(f"Real-image testbed, {'/'.join(m.upper() for m in methods)}-unlearned UNet: the "
-                 "law's prediction vs full-batch GD on the cross-attention (colour: MiniLM-"
-                 "similarity bin, dark = least similar)", fontsize=11)  # fmt: skip
+    fig.suptitle(
+        f"Real-image testbed, {'/'.join(m.upper() for m in methods)}-unlearned UNet: the law's "
+        "prediction vs full-batch GD on the cross-attention\n(one point per bin x lr x T > 0; "
+        "colour: MiniLM-similarity bin to the erased concept, dark = least similar)",
+        fontsize=11,
+    )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=130)
