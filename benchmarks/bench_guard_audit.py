@@ -45,8 +45,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bridge.testbed.predict import PRESENCE_SEED_BASE
+
 GROUP = "cross-attn"  # covers UCE's K/V, ESD-x's attn2 and MACE's K/V
-EVAL_SEED_BASE = 10_000  # bridge.testbed.predict.PRESENCE_SEED_BASE: the demo's presence seeds
+EVAL_SEED_BASE = PRESENCE_SEED_BASE  # the demo's presence seeds
 GUARD_SEED_BASE = 20_000  # the guard's presence readout: disjoint from the evaluation seeds
 METHODS = ("uce", "esd-x", "mace")
 QUICK = {

@@ -376,7 +376,12 @@ def predict(
     (every task predicted so far)."""
     from bridge.realworld.bundle import SHIPPED_MODEL, load_model
     from bridge.realworld.experiment import check_tasks
-    from bridge.realworld.predict import PredictSettings, plot_predictions, predict_realworld
+    from bridge.realworld.predict import (
+        PredictSettings,
+        check_request,
+        plot_predictions,
+        predict_realworld,
+    )
 
     cfg = _experiment_config(config, set_)
     try:
@@ -387,12 +392,10 @@ def predict(
         )  # fmt: skip
     except ValueError as err:
         raise check.UsageError(f"bad option: {err}") from None
-    if task not in cfg.tasks:
-        raise check.UsageError(f"`--task` {task!r} is not in the config's tasks {list(cfg.tasks)}.")
-    if method not in cfg.methods:
-        raise check.UsageError(
-            f"`--method` {method!r} is not in the config's methods {list(cfg.methods)}."
-        )
+    try:
+        check_request(cfg, task, method)  # before any weights load
+    except ValueError as err:
+        raise check.UsageError(f"`--task`/`--method`: {err}") from None
     model = model or SHIPPED_MODEL
     if not (model / "fingerprints.json").is_file():
         raise check.UsageError(

@@ -18,6 +18,7 @@ Layout (a rerun skips finished bins)::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -29,41 +30,54 @@ from tqdm.auto import tqdm
 
 from theory._atomic import atomic_write_json
 
-__all__ = ["PredictSettings", "plot_predictions", "predict_realworld", "summarise_predictions"]
+__all__ = [
+    "PredictSettings",
+    "check_request",
+    "plot_predictions",
+    "predict_realworld",
+    "summarise_predictions",
+]
 
 
+@dataclasses.dataclass(frozen=True)
 class PredictSettings:
     """Knobs of the prediction run (defaults: the tiny testbed demo's, scaled to this UNet)."""
 
-    def __init__(
-        self,
-        *,
-        group: str = "cross-attn",
-        lr_fractions: tuple[float, ...] = (0.3, 0.6, 0.9),
-        gd_steps: int = 20,
-        top_k: int = 4,
-        probe_batch: int = 16,
-        presence_seeds: int = 16,
-        forget_images: int = 16,
-        curvature: str = "ggn",
-    ) -> None:
-        for name, value in (("gd_steps", gd_steps), ("top_k", top_k),
-                            ("probe_batch", probe_batch), ("presence_seeds", presence_seeds),
-                            ("forget_images", forget_images)):  # fmt: skip
-            if value < 1:
-                raise ValueError(f"`{name}` must be >= 1, got {value}.")
-        if not lr_fractions or any(not 0 < f < 1 for f in lr_fractions):
+    group: str = "cross-attn"
+    lr_fractions: tuple[float, ...] = (0.3, 0.6, 0.9)
+    gd_steps: int = 20
+    top_k: int = 4
+    probe_batch: int = 16
+    presence_seeds: int = 16
+    forget_images: int = 16
+    curvature: str = "ggn"
+
+    def __post_init__(self) -> None:
+        for name in ("gd_steps", "top_k", "probe_batch", "presence_seeds", "forget_images"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}.")
+        object.__setattr__(self, "lr_fractions", tuple(self.lr_fractions))
+        if not self.lr_fractions or any(not 0 < f < 1 for f in self.lr_fractions):
             raise ValueError(
-                f"`lr_fractions` must lie in (0, 1) (of 2/lambda_max), got {lr_fractions}."
+                f"`lr_fractions` must lie in (0, 1) (of 2/lambda_max), got {self.lr_fractions}."
             )
-        if curvature not in ("ggn", "hessian"):
-            raise ValueError(f"`curvature` must be 'ggn' or 'hessian', got {curvature!r}.")
-        self.group, self.lr_fractions, self.gd_steps = group, tuple(lr_fractions), gd_steps
-        self.top_k, self.probe_batch, self.presence_seeds = top_k, probe_batch, presence_seeds
-        self.forget_images, self.curvature = forget_images, curvature
+        if self.curvature not in ("ggn", "hessian"):
+            raise ValueError(f"`curvature` must be 'ggn' or 'hessian', got {self.curvature!r}.")
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(vars(self), lr_fractions=list(self.lr_fractions))
+        return dict(dataclasses.asdict(self), lr_fractions=list(self.lr_fractions))
+
+
+def check_request(cfg, task: str, method: str) -> None:
+    """Refuse a task or method that the experiment config does not run (before any work).
+
+    Raises:
+      ValueError: naming the config's tasks or methods.
+    """
+    if task not in cfg.tasks:
+        raise ValueError(f"task {task!r} is not in the config's tasks {list(cfg.tasks)}.")
+    if method not in cfg.methods:
+        raise ValueError(f"method {method!r} is not in the config's methods {list(cfg.methods)}.")
 
 
 def _forget_batches(model, prompt: str, n: int, cfg, seed: int):
@@ -109,13 +123,10 @@ def predict_realworld(
     """
     from bridge.realworld.evaluate import task_target
     from bridge.realworld.experiment import _finetune_set, _slug, _unlearned, check_tasks
-    from bridge.testbed.predict import predict_and_measure
+    from bridge.testbed.predict import predict_and_measure, presence_seeds
 
     settings = settings or PredictSettings()
-    if task not in cfg.tasks:
-        raise ValueError(f"task {task!r} is not in the config's tasks {list(cfg.tasks)}.")
-    if method not in cfg.methods:
-        raise ValueError(f"method {method!r} is not in the config's methods {list(cfg.methods)}.")
+    check_request(cfg, task, method)
     torch.set_num_threads(cfg.threads)
     the_task = check_tasks(cfg, model.world)[task]
     kind, concept = task_target(the_task, model.world.concepts, model.world.styles)
@@ -145,7 +156,7 @@ def predict_realworld(
                 images=data["images"], forget_batches=forget, group=settings.group,
                 lr_fractions=settings.lr_fractions, steps=steps, top_k=settings.top_k,
                 probe_batch=settings.probe_batch,
-                seeds=list(range(10_000, 10_000 + settings.presence_seeds)),
+                seeds=presence_seeds(settings.presence_seeds),
                 sample_steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale, seed=cfg.seed,
                 curvature=settings.curvature, progress=False,
             )  # fmt: skip
@@ -210,16 +221,19 @@ def plot_predictions(folders, path) -> Path:
 
     readouts = (("presence", "presence of the erased concept (classifier)"),
                 ("output_rho", "output_rho (erased prompt's denoiser output)"))  # fmt: skip
+    runs = []  # (task index, summary, {bin: record}): each file read once for both panels
+    for folder in map(Path, folders):
+        summary = json.loads((folder / "summary.json").read_text())
+        recs = {b: json.loads((folder / f"{b}.json").read_text()) for b in summary["bins"]}
+        runs.append((len(runs), summary, recs))
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.8), constrained_layout=True)
     markers = "osD^v"
     colours = plt.cm.viridis(np.linspace(0.0, 0.85, 4))
     for ax, (name, label) in zip(axes, readouts, strict=True):
         lo, hi, pooled = np.inf, -np.inf, ([], [])
-        for t, folder in enumerate(folders):
-            folder = Path(folder)
-            summary = json.loads((folder / "summary.json").read_text())
+        for t, summary, recs in runs:
             for b, (bin_label, row) in enumerate(summary["bins"].items()):
-                rec = json.loads((folder / f"{bin_label}.json").read_text())
+                rec = recs[bin_label]
                 pred = np.asarray(rec["predicted"][name])[:, 1:].ravel()
                 meas = np.asarray(rec["measured"][name])[:, 1:].ravel()
                 pooled[0].extend(pred)
@@ -240,9 +254,7 @@ def plot_predictions(folders, path) -> Path:
         ax.set_ylabel("predicted by the law (one curvature measurement)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7, loc="best")
-    methods = sorted(
-        {json.loads((Path(f) / "summary.json").read_text())["method"] for f in folders}
-    )
+    methods = sorted({summary["method"] for _, summary, _ in runs})
     fig.suptitle(
         f"Real-image testbed, {'/'.join(m.upper() for m in methods)}-unlearned UNet: the law's "
         "prediction vs full-batch GD on the cross-attention\n(one point per bin x lr x T > 0; "

@@ -46,8 +46,8 @@ CLASSIFIER_KEYS = ("seed", "colours", "shapes", "backgrounds", "size", "classifi
 _CLASSIFIER_FILES = ("classifier.pt", "classifier.json")
 
 
-def _keys(cfg, keys) -> dict:
-    values = cfg.to_dict()
+def _keys(values: dict, keys) -> dict:
+    """The ``keys`` of a config in its ``to_dict`` / ``config.json`` form."""
     return {k: values[k] for k in keys}
 
 
@@ -59,7 +59,9 @@ def shipped_record(folder: Path = SHIPPED) -> dict | None:
 
 def _matches(cfg, part: str, keys, folder: Path) -> bool:
     record = shipped_record(folder)
-    return record is not None and record.get("trained_with", {}).get(part) == _keys(cfg, keys)
+    return record is not None and record.get("trained_with", {}).get(part) == _keys(
+        cfg.to_dict(), keys
+    )
 
 
 def copy_shipped_base(cfg, dest: Path, folder: Path = SHIPPED) -> bool:
@@ -106,17 +108,14 @@ def ship(run: Path, folder: Path = SHIPPED) -> Path:
     Raises:
       FileNotFoundError: the run lacks one of those files (named).
     """
-    from bridge.testbed.demo import DemoConfig
-
     run = Path(run)
-    needed = [run / "config.json", run / "base" / "done.json"] + [run / n for n in _CLASSIFIER_FILES]
+    needed = [run / "config.json", run / "base" / "done.json"] + [
+        run / n for n in _CLASSIFIER_FILES
+    ]
     missing = [str(p) for p in needed if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"{run} is not a finished demo run: missing {missing}.")
-    cfg = DemoConfig(**{
-        k: tuple(v) if isinstance(v, list) else v
-        for k, v in json.loads((run / "config.json").read_text()).items()
-    })  # fmt: skip
+    values = json.loads((run / "config.json").read_text())  # DemoConfig.to_dict() of the run
     if json.loads((run / "base" / "done.json").read_text()).get("shipped"):
         raise ValueError(f"{run}/base was copied from the shipped weights, not trained: retrain.")
     if folder.exists():
@@ -132,10 +131,10 @@ def ship(run: Path, folder: Path = SHIPPED) -> Path:
         files,
         extra={
             "trained_with": {
-                "base": _keys(cfg, BASE_KEYS),
-                "classifier": _keys(cfg, CLASSIFIER_KEYS),
+                "base": _keys(values, BASE_KEYS),
+                "classifier": _keys(values, CLASSIFIER_KEYS),
             },
-            "threads": cfg.threads,
+            "threads": values["threads"],
             "torch": torch.__version__,
             "command": "resurgence bridge demo --set shipped_weights=false; "
             "python -m bridge.testbed.shipped RUN",
