@@ -19,7 +19,8 @@ realistic fine-tuning (whole UNet, minibatches). Each plain, with
 :func:`bridge.guard.forget_subspace_guard` and with :func:`bridge.guard.retain_core_guard`
 (retained: every concept other than the erased one, teacher targets). Reported: presence recovery
 (presence after fine-tuning minus after unlearning), its cut against plain, the benign loss
-(frozen probes of the fine-tuning set) over plain's, and the share of each update removed.
+(frozen probes of the fine-tuning set) over plain's, the share of each update removed and the
+forget-subspace guard's restoring correction over the projected step (``--no-restore``: none).
 
 Seeds: measured (and the audit's predicted) presence uses the demo's presence seeds
 ``10000 .. 10000 + seeds - 1``; the guard's presence readout uses other seeds
@@ -235,7 +236,7 @@ def audit_part(tb: Testbed, method: str, unet, *, top_k: int) -> dict:
 
 # ---- (b) the guard --------------------------------------------------------------------------
 def guard_runs(tb: Testbed, method: str, unet, *, optimizers, refresh: dict, guards,
-               readouts=None) -> dict:  # fmt: skip
+               readouts=None, restore: bool = True) -> dict:  # fmt: skip
     from bridge.finetune import FinetuneData, finetune, forget_loss
     from bridge.guard import forget_subspace_guard, retain_core_guard
     from bridge.probes import Probes, finetune_probes
@@ -274,7 +275,8 @@ def guard_runs(tb: Testbed, method: str, unet, *, optimizers, refresh: dict, gua
             if kind == "forget-subspace":
                 guard = forget_subspace_guard(
                     tb.base, guard_probes, log_probs=classifier_log_probs(tb.classifier),
-                    concept=tb.erased, refresh_every=refresh[opt], readouts=readouts)  # fmt: skip
+                    concept=tb.erased, refresh_every=refresh[opt], readouts=readouts,
+                    restore=restore)  # fmt: skip
             elif kind == "retain-core":
                 guard = retain_core_guard(retain, refresh_every=refresh[opt])
             else:
@@ -289,6 +291,9 @@ def guard_runs(tb: Testbed, method: str, unet, *, optimizers, refresh: dict, gua
                 "benign_loss": forget_loss(res.unet, bench),
                 "removed_share": float(np.mean(res.guard_removed)) if guard else 0.0,
                 "guard_rank": int(guard.basis.shape[1]) if guard else 0,
+                "restore": bool(guard.restore) if guard else False,
+                "correction_share": (float(np.mean(guard.corrections))
+                                     if guard and guard.corrections else 0.0),  # fmt: skip
                 "seconds": round(time.time() - t0, 1),
             }
         plain = rows["none"]
@@ -327,6 +332,11 @@ def main(argv=None) -> dict:
         default=EVAL_SEED_BASE,
         help="first measured-presence seed (another base: a development check)",
     )
+    parser.add_argument(
+        "--no-restore",
+        action="store_true",
+        help="forget-subspace guard: projection only (no return of the readouts to theta_u)",
+    )
     parser.add_argument("--refresh-gd", type=int, default=1, help="guard refresh, GD")
     parser.add_argument("--refresh-adamw", type=int, default=20, help="guard refresh, AdamW")
     parser.add_argument("--top-k", type=int, default=4, help="audit eigenpairs per candidate")
@@ -362,6 +372,7 @@ def main(argv=None) -> dict:
         "presence_seeds": [tb.eval_seeds[0], tb.eval_seeds[-1]],
         "guard_presence_seeds": [tb.guard_seeds[0], tb.guard_seeds[-1]],
         "guard_readouts": guard_readouts,
+        "guard_restore": not args.no_restore,
         "sample_steps": cfg.sample_steps,
         "guidance_scale": cfg.guidance_scale,
         "methods": {},
@@ -389,6 +400,7 @@ def main(argv=None) -> dict:
                 refresh={"gd": args.refresh_gd, "adamw": args.refresh_adamw},
                 guards=[g.strip() for g in args.guards.split(",") if g.strip()],
                 readouts=guard_readouts,
+                restore=not args.no_restore,
             )  # fmt: skip
         rec["seconds"] = round(time.time() - t0, 1)
         dump()

@@ -28,6 +28,15 @@ Guards (:data:`GUARDS`):
   squared singular values (GPM's threshold rule; 0.97 as in :func:`theory.guard.retain_core_guard`).
   PGU projects the *unlearning* update off it; here it is applied to fine-tuning, for comparison.
 
+**Restoration** (``restore=True``, the ``forget-subspace`` default): a projected step holds the
+readouts to first order only, and over many large steps the second-order drift adds up (tiny
+testbed, UCE, 40 GD steps at lr = 1/lambda_max: a third to a half of plain's presence recovery
+came back on the guard's own seeds). At each refresh the guard also measures how far the readouts
+R_j are from their values at theta_u, :math:`r_j = R_j(\theta) - R_j(\theta_u)`, and adds to that
+refresh's step the minimum-norm correction in span(U), :math:`c = -G^{+} r` (G the readout
+gradients at theta, the extra directions with target 0), which cancels r to first order: a
+Gauss-Newton retraction onto the readouts' level set, so the drift no longer accumulates.
+
 The guard reports the share of each update's norm it removed,
 :math:`\|U U^\top \Delta\theta\| / \|\Delta\theta\|`, and raises :class:`GuardError` when that
 exceeds :data:`FULL_REMOVAL` (nothing would be fine-tuned).
@@ -37,7 +46,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -49,7 +58,9 @@ from bridge.probes import Probes
 __all__ = [
     "FULL_REMOVAL",
     "GUARDS",
+    "ForgetReadouts",
     "GuardError",
+    "GuardRows",
     "SubspaceGuard",
     "forget_subspace_guard",
     "orthonormal_basis",
@@ -65,7 +76,24 @@ FULL_REMOVAL = 1.0 - 1e-6
 #: SVD is ~1e-15 relative; 1e-10 leaves a wide margin and keeps every real direction).
 RANK_TOL = 1e-10
 
-Directions = Callable[[torch.nn.Module, ParameterGroup], np.ndarray]
+
+
+class GuardRows(NamedTuple):
+    """What a guard's directions give at the current weights.
+
+    Attributes:
+      rows: ``(m, n)`` directions spanning the guard.
+      offsets: ``(m,)`` how far each row's readout is from its target (R(theta) - R(theta_u)),
+        or None when the rows are not readout gradients (nothing to restore).
+    """
+
+    rows: np.ndarray
+    offsets: np.ndarray | None = None
+
+
+#: ``(model, group) -> rows (m, n)`` or :class:`GuardRows`; an object with a ``bind(model,
+#: group)`` method is bound with the guard (to record its reference at theta_u).
+Directions = Callable[[torch.nn.Module, ParameterGroup], "np.ndarray | GuardRows"]
 
 
 class GuardError(ValueError):
@@ -104,6 +132,8 @@ class SubspaceGuard:
       extra: fixed extra directions ``(k, n)`` over the same group, always guarded.
       energy: energy threshold of the basis (``retain-core``), or None for the whole span.
       label: free text stored in :meth:`spec` (what the directions were built from).
+      restore: also correct, once per refresh, the readouts' drift from their values at theta_u
+        (needs :class:`GuardRows` with ``offsets``; see the module docstring).
 
     Raises:
       ValueError: ``refresh_every`` <= 0 or an unknown ``name`` (one line, naming it).
@@ -118,6 +148,7 @@ class SubspaceGuard:
         extra: np.ndarray | None = None,
         energy: float | None = None,
         label: str = "",
+        restore: bool = False,
     ):
         if name not in GUARDS:
             raise ValueError(f"`guard` must be one of {list(GUARDS)}, got {name!r}.")
@@ -128,8 +159,10 @@ class SubspaceGuard:
             )
         self.name, self.directions, self.refresh_every = name, directions, int(refresh_every)
         self.extra = None if extra is None else np.atleast_2d(np.asarray(extra, np.float64))
-        self.energy, self.label = energy, label
+        self.energy, self.label, self.restore = energy, label, bool(restore)
         self.basis: torch.Tensor | None = None  # (n, r) float64
+        self.correction: torch.Tensor | None = None  # (n,) float64, added to the next step
+        self.corrections: list[float] = []  # ||c|| / ||projected step|| at each restoring step
         self.refreshed_at: int | None = None
         self.model = self.group = None
 
@@ -144,6 +177,7 @@ class SubspaceGuard:
             "energy": self.energy,
             "extra": extra,
             "label": self.label,
+            "restore": self.restore,
         }
 
     def bind(self, model: torch.nn.Module, names: Sequence[str]) -> None:
@@ -156,15 +190,30 @@ class SubspaceGuard:
                 f"`extra` guard directions have {self.extra.shape[1]} entries, the trained "
                 f"parameters {self.group.numel}: give them over the fine-tuned group."
             )
+        if hasattr(self.directions, "bind"):
+            self.directions.bind(model, self.group)
 
     def refresh(self) -> torch.Tensor:
         """Re-estimate U at the model's current weights; returns it ``(n, r)``."""
-        rows = np.asarray(self.directions(self.model, self.group), np.float64)
+        got = self.directions(self.model, self.group)
+        rows, offsets = got if isinstance(got, GuardRows) else (got, None)
+        rows = np.asarray(rows, np.float64)
+        if self.restore and offsets is not None:
+            offsets = np.asarray(offsets, np.float64)
+        else:
+            offsets = None
         if self.extra is not None:
             rows = np.concatenate([rows, self.extra])
+            if offsets is not None:  # fixed directions: no change along them (target 0)
+                offsets = np.concatenate([offsets, np.zeros(len(self.extra))])
         ref = next(self.model.parameters())
         basis = orthonormal_basis(rows, energy=self.energy)
         self.basis = torch.from_numpy(basis).to(ref.device)
+        self.correction = None
+        if offsets is not None and np.any(offsets):
+            # minimum-norm c with rows @ c = -offsets (least squares where rows are dependent)
+            c = np.linalg.lstsq(rows, -offsets, rcond=RANK_TOL)[0]
+            self.correction = torch.from_numpy(c).to(ref.device)
         return self.basis
 
     def maybe_refresh(self, step: int) -> None:
@@ -176,7 +225,8 @@ class SubspaceGuard:
     @torch.no_grad()
     def project_step(self, before: Sequence[torch.Tensor], params: Sequence[torch.Tensor],
                      step: int) -> float:  # fmt: skip
-        """Replace the step ``params - before`` by its projection off span(U), in place.
+        """Replace the step ``params - before`` by its projection off span(U), in place, plus the
+        pending restoring correction (``restore``; applied once, at the step after a refresh).
 
         Returns:
           The share of the step's norm removed, in [0, 1] (0 for a zero step).
@@ -197,7 +247,12 @@ class SubspaceGuard:
                 f"{step} (rank {self.basis.shape[1]} over {delta.numel()} trained parameters): "
                 "nothing is left to fine-tune; guard fewer directions or train a larger group."
             )
-        kept = (delta - removed).split(self.group.sizes())
+        kept = delta - removed
+        if self.correction is not None:
+            self.corrections.append(float(self.correction.norm() / kept.norm()))
+            kept = kept + self.correction
+            self.correction = None
+        kept = kept.split(self.group.sizes())
         for p, b, d in zip(params, before, kept, strict=True):
             p.copy_(b + d.reshape(p.shape).to(p.dtype))
         return frac
@@ -205,7 +260,8 @@ class SubspaceGuard:
     def state_dict(self) -> dict:
         """The current basis and its refresh step (a resumed run continues with them)."""
         basis = None if self.basis is None else self.basis.cpu()
-        return {"basis": basis, "refreshed_at": self.refreshed_at}
+        corr = None if self.correction is None else self.correction.cpu()
+        return {"basis": basis, "refreshed_at": self.refreshed_at, "correction": corr}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict`."""
@@ -213,6 +269,49 @@ class SubspaceGuard:
         ref = next(self.model.parameters())
         self.basis = None if basis is None else basis.to(ref.device)
         self.refreshed_at = state["refreshed_at"]
+        corr = state.get("correction")
+        self.correction = None if corr is None else corr.to(ref.device)
+
+
+class ForgetReadouts:
+    """The ``forget-subspace`` guard's directions: the forget readouts of each prompt's probes.
+
+    Bound at theta_u (:meth:`bind`): the readouts stay defined against theta_0 and theta_u all
+    along the run (:meth:`bridge.readouts.ReadoutSet.gradients_at`), and their values there are
+    the targets the restoring correction returns them to. Called at the current weights it gives
+    the readouts' gradients and their offsets from those targets (:class:`GuardRows`).
+    """
+
+    def __init__(self, base, probes: Sequence[Probes], names: Sequence[str], *, log_probs=None,
+                 concept: int | None = None):  # fmt: skip
+        self.base, self.probes, self.names = base, list(probes), tuple(names)
+        self.log_probs, self.concept = log_probs, concept
+        self.sets: list = []
+        self.targets: list[np.ndarray] = []
+
+    def bind(self, model: torch.nn.Module, group: ParameterGroup) -> None:
+        """Build the readouts at the model's weights (theta_u) and record their values there."""
+        from bridge.readouts import ReadoutSet
+
+        self.sets = [
+            ReadoutSet(self.base, model, group, pr, log_probs=self.log_probs, concept=self.concept)
+            for pr in self.probes
+        ]  # fmt: skip
+        self.targets = []
+        for rs in self.sets:
+            values = rs.values(rs.theta_u, self.names)
+            self.targets.append(np.array([values[n] for n in self.names], np.float64))
+
+    def __call__(self, model: torch.nn.Module, group: ParameterGroup) -> GuardRows:
+        if not self.sets:
+            raise RuntimeError("bind the guard to the model first (`SubspaceGuard.bind`).")
+        flat = group.values(model)
+        rows, offsets = [], []
+        for rs, target in zip(self.sets, self.targets, strict=True):
+            got = rs.gradients_at(flat, self.names)
+            rows.append(got.gradients)
+            offsets.append(got.values - target)
+        return GuardRows(np.concatenate(rows), np.concatenate(offsets))
 
 
 def forget_subspace_guard(
@@ -224,6 +323,7 @@ def forget_subspace_guard(
     concept: int | None = None,
     refresh_every: int = 10,
     extra: np.ndarray | None = None,
+    restore: bool = True,
 ) -> SubspaceGuard:
     """The ``forget-subspace`` guard: span of the forget readouts' gradients at the current weights.
 
@@ -238,12 +338,12 @@ def forget_subspace_guard(
         none), and seeds other than those it is judged on.
       log_probs, concept: the classifier hook and the erased concept's class (presence).
       refresh_every: steps between re-estimates. extra: fixed extra directions ``(k, n)``.
+      restore: at each refresh, also return the readouts to their values at theta_u (first
+        order; see the module docstring). False: projection only.
 
     Returns:
       :class:`SubspaceGuard`.
     """
-    from bridge.readouts import ReadoutSet
-
     probe_list = [probes] if isinstance(probes, Probes) else list(probes)
     if not probe_list:
         raise ValueError("`probes` is empty: the forget-subspace guard needs the erased prompt.")
@@ -256,17 +356,15 @@ def forget_subspace_guard(
             else ("output_rho", "forget_loss_recovery")
         )
     names = tuple(readouts)
-
-    def directions(model, group):
-        rows = []
-        for pr in probe_list:
-            rs = ReadoutSet(base, model, group, pr, log_probs=log_probs, concept=concept)
-            rows.append(rs.gradients(names).gradients)
-        return np.concatenate(rows)
-
+    directions = ForgetReadouts(base, probe_list, names, log_probs=log_probs, concept=concept)
     label = f"{len(probe_list)} prompt(s): {', '.join(names)}"
     return SubspaceGuard(
-        "forget-subspace", directions, refresh_every=refresh_every, extra=extra, label=label
+        "forget-subspace",
+        directions,
+        refresh_every=refresh_every,
+        extra=extra,
+        label=label,
+        restore=restore,
     )
 
 

@@ -198,27 +198,42 @@ class ReadoutSet:
           ValueError: a readout whose gradient is zero over the group (it does not depend on the
             fine-tuned parameters), naming it.
         """
+        return self.gradients_at(self.theta_u, names)
+
+    def gradients_at(
+        self, flat: torch.Tensor, names: Sequence[str] | None = None
+    ) -> ReadoutGradients:
+        """R and grad R at any group vector ``flat`` ``(n,)``: the same readouts (still defined
+        against theta_0 and theta_u) away from theta_u, e.g. along a fine-tuning run (the guard).
+
+        The presence values come from the pass that differentiates them (one sampling, not two).
+
+        Raises:
+          ValueError: a readout whose gradient is zero over the group, naming it.
+        """
         names = self.names if names is None else tuple(names)
         self._check_names(names)
+        flat = flat.detach().to(self.theta_u)
+        wanted = [n for n in _PRESENCE if n in names]
+        values = self.values(flat, [n for n in names if n not in _PRESENCE])
         grads: dict[str, torch.Tensor] = {}
-        values = self.values(self.theta_u, names)
         if "rho" in names:
             grads["rho"] = -self.delta / self.delta_sq
         with frozen_params(self.unet):
             if "output_rho" in names:
-                grads["output_rho"] = torch.func.grad(self._output_rho)(self.theta_u)
+                grads["output_rho"] = torch.func.grad(self._output_rho)(flat)
             if "forget_loss_recovery" in names:
-                grads["forget_loss_recovery"] = -self.forget.gradient(self.theta_u) / (
+                grads["forget_loss_recovery"] = -self.forget.gradient(flat) / (
                     self.loss_u - self.loss_0
                 )
-            wanted = [n for n in _PRESENCE if n in names]
             if wanted:
-                leaf = self.theta_u.clone().requires_grad_(True)
+                leaf = flat.clone().requires_grad_(True)
                 with torch.enable_grad():
                     prob, logp = self._presence(leaf)
                     outputs = {"presence": prob, "presence_logprob": logp}
                     for i, name in enumerate(wanted):
                         out = outputs[name]
+                        values[name] = float(out.detach())
                         (g,) = (
                             torch.autograd.grad(
                                 out, leaf, retain_graph=i < len(wanted) - 1, allow_unused=True

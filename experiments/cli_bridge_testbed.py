@@ -125,6 +125,14 @@ def finetune(
     guard_refresh: Annotated[
         int, typer.Option("--guard-refresh", help="Steps between guard re-estimates.")
     ] = 10,
+    guard_restore: Annotated[
+        bool,
+        typer.Option(
+            "--guard-restore/--no-guard-restore",
+            help="forget-subspace: at each re-estimate also return the readouts to their values "
+            "at the unlearned weights (cancels the projection's second-order drift).",
+        ),
+    ] = True,
     retain_prompt: Annotated[
         list[str] | None,
         typer.Option("--retain-prompt", help="Retained concept prompt for --guard retain-core."),
@@ -135,7 +143,9 @@ def finetune(
 
     --guard forget-subspace projects every update off the gradients of output_rho and
     forget_loss_recovery of each --forget-prompt (its synonyms: repeat the option), re-estimated
-    every --guard-refresh steps; the share of each update it removed is in history.json.
+    every --guard-refresh steps; the share of each update it removed is in history.json. At each
+    re-estimate it also corrects the readouts' drift from their unlearned values
+    (--no-guard-restore: projection only).
 
     --measured-group must hold every tensor the unlearning edited (ESD-u edits no cross-attention:
     its manifest's group, non-cross-attn, is the default); a group that misses the edit is refused.
@@ -262,7 +272,9 @@ def finetune(
         from bridge.probes import Probes
 
         per_prompt = [Probes([], [b], None, seed) for b in forget]
-        update_guard = forget_subspace_guard(pipe.unet, per_prompt, refresh_every=guard_refresh)
+        update_guard = forget_subspace_guard(
+            pipe.unet, per_prompt, refresh_every=guard_refresh, restore=guard_restore
+        )
     elif guard == "retain-core":
         from bridge.guard import retain_core_guard
         from bridge.probes import finetune_probes

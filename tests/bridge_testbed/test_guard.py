@@ -224,12 +224,9 @@ def test_finetune_command_with_guards_and_its_one_line_errors(world, world_model
         assert message in res.stderr
 
 
-def test_default_guard_with_a_classifier_keeps_presence_first_order_still_at_every_gd_step(
-    setup, world_model
-):
-    """With a classifier the guard holds the presence readouts only; refreshed every step, every
-    GD step leaves presence and its log-probability unchanged to first order, checked by central
-    differences of forward DDIM samples (no guard code, no autograd) against plain GD's change."""
+@pytest.fixture(scope="module")
+def presence_case(setup, world_model):
+    """A smooth float64 "classifier" on 4 DDIM seeds (finite differences stay at 1e-13)."""
     from bridge.probes import sampler_probe
     from bridge.sampler import sample_at
 
@@ -239,29 +236,70 @@ def test_default_guard_with_a_classifier_keeps_presence_first_order_still_at_eve
     weights = torch.randn(3 * 8 * 8, 4, generator=torch.Generator().manual_seed(1),
                           dtype=torch.float64)  # fmt: skip
 
-    def log_probs(images):  # a smooth float64 "classifier": FD precision stays at 1e-13
+    def log_probs(images):
         return torch.log_softmax(images.flatten(1).double() @ weights, dim=-1)
 
-    guard = forget_subspace_guard(base, dataclasses.replace(probes, sampler=smp),
-                                  log_probs=log_probs, concept=0, refresh_every=1)  # fmt: skip
     group = select_group(unlearned, SPEC)
-    thetas = [group.values(unlearned)]
-    lr = 0.05
-    finetune(unlearned, data, _cfg(steps=3, lr=lr), scheduler=sched, guard=guard, progress=False,
-             on_step=lambda _: thetas.append(group.values(guard.model).clone()))  # fmt: skip
-    assert guard.label.endswith(": presence, presence_logprob") and guard.basis.shape[1] == 2
 
-    def readouts(theta):
+    def readouts(theta):  # (presence, presence_logprob) by forward sampling: no guard code
         with torch.no_grad():
             lp = log_probs(sample_at(unlearned, group, theta, smp))[:, 0]
         return torch.stack([lp.exp().mean(), lp.mean()])
 
-    def change(theta, step, eps=1e-3):
-        return (readouts(theta + eps * step) - readouts(theta - eps * step)) / (2 * eps)
+    def guarded_run(steps, lr, restore):
+        guard = forget_subspace_guard(base, dataclasses.replace(probes, sampler=smp),
+                                      log_probs=log_probs, concept=0, refresh_every=1,
+                                      restore=restore)  # fmt: skip
+        thetas = [group.values(unlearned)]
+        finetune(unlearned, data, _cfg(steps=steps, lr=lr), scheduler=sched, guard=guard,
+                 progress=False,
+                 on_step=lambda _: thetas.append(group.values(guard.model).clone()))  # fmt: skip
+        assert guard.label.endswith(": presence, presence_logprob") and guard.basis.shape[1] == 2
+        return guard, thetas
 
     loss = FrozenDiffusionLoss(copy.deepcopy(unlearned), group, data.probe_batches)
+    return readouts, guarded_run, loss
+
+
+def _directional(readouts, theta, step, eps=1e-3):
+    """First-order change of the readouts along ``step`` by central differences."""
+    return (readouts(theta + eps * step) - readouts(theta - eps * step)) / (2 * eps)
+
+
+def test_projection_only_guard_keeps_presence_first_order_still_at_every_gd_step(presence_case):
+    """With a classifier the guard holds the presence readouts only; refreshed every step, every
+    projected GD step leaves presence and its log-probability unchanged to first order, checked
+    by central differences of forward DDIM samples against plain GD's change."""
+    readouts, guarded_run, loss = presence_case
+    lr = 0.05
+    _, thetas = guarded_run(3, lr, restore=False)
     for k, (a, b) in enumerate(zip(thetas, thetas[1:], strict=False)):
-        plain = change(a, -lr * loss.gradient(a))
+        plain = _directional(readouts, a, -lr * loss.gradient(a))
         assert plain.abs().min() > 1e-8, k  # plain GD does move both readouts
-        assert (change(a, b - a).abs() <= 1e-6 * plain.abs()).all(), (k, change(a, b - a), plain)
+        change = _directional(readouts, a, b - a)
+        assert (change.abs() <= 1e-6 * plain.abs()).all(), (k, change, plain)
     assert len(thetas) == 4
+
+
+def test_restoring_guard_steps_cancel_the_drift_from_theta_u_to_first_order(presence_case):
+    """restore=True: each step's first-order change of the readouts is minus their drift from
+    theta_u (the correction returns them to their level set); at step 0 there is no drift, so the
+    step is the plain projection. Finite differences of forward samples, no guard code."""
+    readouts, guarded_run, loss = presence_case
+    lr = 0.05
+    guard, thetas = guarded_run(4, lr, restore=True)
+    target = readouts(thetas[0])
+    for k, (a, b) in enumerate(zip(thetas, thetas[1:], strict=False)):
+        plain = _directional(readouts, a, -lr * loss.gradient(a))
+        drift = readouts(a) - target
+        change = _directional(readouts, a, b - a)
+        tol = 1e-6 * plain.abs() + 1e-3 * drift.abs()  # FD error, second-order remainder
+        assert ((change + drift).abs() <= tol).all(), (k, change, drift)
+        if k > 0:
+            assert drift.abs().min() > 1e-9, k  # there was second-order drift to correct
+    assert len(guard.corrections) == 3  # steps 2-4: step 1 starts at theta_u
+    # the drift after the run: one step's second-order term, not four accumulated
+    _, unrestored = guarded_run(4, lr, restore=False)
+    kept = (readouts(thetas[-1]) - target).abs()
+    lost = (readouts(unrestored[-1]) - target).abs()
+    assert (kept < 0.5 * lost).all(), (kept, lost)
