@@ -19,17 +19,28 @@ def built():
     return build_readout_case()
 
 
-def _central(readouts, direction, h):
-    plus = readouts.values(readouts.theta_u + h * direction)
-    minus = readouts.values(readouts.theta_u - h * direction)
+def _central(readouts, direction, h, center):
+    plus = readouts.values(center + h * direction)
+    minus = readouts.values(center - h * direction)
     return {k: (plus[k] - minus[k]) / (2 * h) for k in plus}, {
         k: 1.0 + max(abs(plus[k]), abs(minus[k])) for k in plus
     }
 
 
-def test_every_readout_gradient_matches_central_differences(built):
+@pytest.mark.parametrize("where", ["theta_u", "away"])
+def test_every_readout_gradient_matches_central_differences(built, where):
+    """At theta_u (``gradients``) and at a point between theta_u and theta_0 (``gradients_at``,
+    what the guard evaluates along a run: the same readouts, still defined at theta_u)."""
     readouts = built["readouts"]
-    grads = readouts.gradients()
+    center = readouts.theta_u
+    if where == "away":
+        center = readouts.theta_u - 0.3 * readouts.delta
+        grads = readouts.gradients_at(center)
+        values = readouts.values(center)
+        assert [values[n] for n in grads.names] == pytest.approx(list(grads.values), abs=1e-13)
+        assert abs(values["rho"] - 0.3) < 1e-12 and values["output_rho"] != 0.0
+    else:
+        grads = readouts.gradients()
     assert grads.names == READOUT_NAMES
     gen = torch.Generator().manual_seed(3)
     direction = torch.randn(readouts.theta_u.shape, generator=gen, dtype=torch.float64)
@@ -41,8 +52,8 @@ def test_every_readout_gradient_matches_central_differences(built):
     # size <= S = 1 + |R| (normalised readouts are O(1)), absolute error <= 1e4 eps S; through
     # the two differences it contributes 4 * 1e4 eps S / h.
     h = 1e-3
-    d1, scale = _central(readouts, direction, h)
-    d2, _ = _central(readouts, direction, h / 2)
+    d1, scale = _central(readouts, direction, h, center)
+    d2, _ = _central(readouts, direction, h / 2, center)
     for name in grads.names:
         exact = float(grads.gradient(name) @ direction.numpy())
         richardson = (4 * d2[name] - d1[name]) / 3
