@@ -123,7 +123,7 @@ def predict_realworld(
     """
     from bridge.realworld.evaluate import task_target
     from bridge.realworld.experiment import _finetune_set, _slug, _unlearned, check_tasks
-    from bridge.testbed.predict import predict_and_measure, presence_seeds
+    from bridge.testbed.predict import predict_and_measure, presence_seeds, step_grid
 
     settings = settings or PredictSettings()
     check_request(cfg, task, method)
@@ -143,7 +143,7 @@ def predict_realworld(
     erased = the_task.erased[0]
     unlearned = _unlearned(model, the_task, method, label, options, cfg, out)
     forget = _forget_batches(model, erased, settings.forget_images, cfg, cfg.seed)
-    steps = [settings.gd_steps * k // 4 for k in range(5)]
+    steps = step_grid(settings.gd_steps)
     t0 = time.time()
     records = {}
     for bin_ in tqdm(bins, desc=f"predict {task}/{method}", disable=not progress):

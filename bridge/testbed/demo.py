@@ -169,7 +169,7 @@ def run_demo(
       The JSON summary (presence per stage and method, predicted and measured rho, correlation,
       classifier accuracy, stage wall times).
     """
-    from bridge.testbed.predict import predict_and_measure, presence_seeds
+    from bridge.testbed.predict import predict_and_measure, presence_seeds, step_grid
     from bridge.testbed.results import summarise, to_xarray
     from bridge.testbed.stages import Stages, adamw_history, log
     from theory._manifest import write_manifest
@@ -194,7 +194,7 @@ def run_demo(
     forget = st.forget_batches(text, scheduler)
     images, captions = st.finetune_set(text)
     embeds, null = text.encode_prompts(captions), text.encode_prompts([""])
-    steps = [cfg.gd_steps * k // 4 for k in range(5)]
+    steps = step_grid(cfg.gd_steps)
 
     pres_path = run / "presence.json"
     stage_presence = json.loads(pres_path.read_text()) if pres_path.is_file() else {}

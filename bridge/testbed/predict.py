@@ -36,10 +36,25 @@ from bridge.probes import Probes, finetune_probes, sampler_probe
 from bridge.readouts import ReadoutSet
 from bridge.subspaces import spectral_weights
 
-__all__ = ["PRESENCE_SEED_BASE", "classifier_log_probs", "predict_and_measure", "presence_seeds"]
+__all__ = [
+    "PRESENCE_SEED_BASE",
+    "classifier_log_probs",
+    "predict_and_measure",
+    "presence_seeds",
+    "step_grid",
+]
 
 #: First x_T seed of the demo's presence images (the hook of ``Stages.presence_hook``).
 PRESENCE_SEED_BASE = 10_000
+
+
+def step_grid(gd_steps: int) -> list[int]:
+    """The step counts at which predictions and measurements are compared: 0, T/4, ..., T.
+
+    >>> step_grid(40)
+    [0, 10, 20, 30, 40]
+    """
+    return [gd_steps * k // 4 for k in range(5)]
 
 
 def presence_seeds(count: int) -> list[int]:
