@@ -31,11 +31,13 @@ Guards (:data:`GUARDS`):
 **Restoration** (``restore=True``, the ``forget-subspace`` default): a projected step holds the
 readouts to first order only, and over many large steps the second-order drift adds up (tiny
 testbed, UCE, 40 GD steps at lr = 1/lambda_max: presence on the guard's own 128 seeds still rose
-by 8-15% of plain fine-tuning's rise; with restoration by 0.1%). At each refresh the guard also measures how far the readouts
-R_j are from their values at theta_u, :math:`r_j = R_j(\theta) - R_j(\theta_u)`, and adds to that
-refresh's step the minimum-norm correction in span(U), :math:`c = -G^{+} r` (G the readout
-gradients at theta, the extra directions with target 0), which cancels r to first order: a
-Gauss-Newton retraction onto the readouts' level set, so the drift no longer accumulates.
+by 8-15% of plain fine-tuning's rise; with restoration by 0.1%). At each refresh the guard also
+measures how far the readouts R_j have risen above their values at theta_u,
+:math:`r_j = \max(R_j(\theta) - R_j(\theta_u), 0)` (every readout rises with resurgence; one
+that fell is held, not pushed back up), and adds to that refresh's step the minimum-norm
+correction in span(U), :math:`c = -G^{+} r` (G the readout gradients at theta, the extra
+directions with target 0), which cancels r to first order: a Gauss-Newton retraction onto the
+readouts' level set, so the drift no longer accumulates.
 
 The guard reports the share of each update's norm it removed,
 :math:`\|U U^\top \Delta\theta\| / \|\Delta\theta\|`, and raises :class:`GuardError` when that
@@ -82,8 +84,8 @@ class GuardRows(NamedTuple):
 
     Attributes:
       rows: ``(m, n)`` directions spanning the guard.
-      offsets: ``(m,)`` how far each row's readout is from its target (R(theta) - R(theta_u)),
-        or None when the rows are not readout gradients (nothing to restore).
+      offsets: ``(m,)`` how far each row's readout is above its target (R(theta) - R(theta_u),
+        0 where it fell), or None when the rows are not readout gradients (nothing to restore).
     """
 
     rows: np.ndarray
@@ -309,7 +311,9 @@ class ForgetReadouts:
         for rs, target in zip(self.sets, self.targets, strict=True):
             got = rs.gradients_at(flat, self.names)
             rows.append(got.gradients)
-            offsets.append(got.values - target)
+            # One-sided: every readout rises with resurgence; one that fell is held where it is,
+            # not pushed back up (that would spend benign loss on raising it again).
+            offsets.append(np.maximum(got.values - target, 0.0))
         return GuardRows(np.concatenate(rows), np.concatenate(offsets))
 
 
