@@ -206,14 +206,19 @@ def test_finetune_command_with_guards_and_its_one_line_errors(world, world_model
               "--steps", "2", "--lr", "1e-3", "--track-every", "1", "--batch-size", "2",
               "--trainable", "cross-attn"]  # fmt: skip
     runner = CliRunner()
-    for guard in (["forget-subspace"], ["retain-core", "--retain-prompt", "a blue square"]):
-        out = tmp_path / guard[0]
+    for k, (guard, restore) in enumerate((
+        (["forget-subspace"], True),
+        (["forget-subspace", "--no-guard-restore"], False),
+        (["retain-core", "--retain-prompt", "a blue square"], False),
+    )):  # fmt: skip
+        out = tmp_path / f"{guard[0]}-{k}"
         res = runner.invoke(app, [*common, "--out", str(out), "--guard", *guard,
                                   "--guard-refresh", "1"])  # fmt: skip
         assert res.exit_code == 0, res.output
         hist = json.loads((out / "history.json").read_text())
         assert all(0 < h["guard_removed"] < 1 for h in hist[1:]), hist
-        assert json.loads((out / "manifest.json").read_text())["config"]["guard"]["guard"] == guard[0]
+        spec = json.loads((out / "manifest.json").read_text())["config"]["guard"]
+        assert spec["guard"] == guard[0] and spec["restore"] is restore, spec
     for extra, message in (
         (["--guard-refresh", "0"], "`--guard-refresh` must be a finite number >= 1; got 0."),
         (["--guard", "retain-core"], "`--guard retain-core` needs at least one `--retain-prompt`."),
