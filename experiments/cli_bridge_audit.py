@@ -39,18 +39,17 @@ def _testbed_classifier(path: Path, concept: int):
 
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        head = [v for k, v in state.items() if k.endswith("weight") and v.ndim == 2][-1]
-        model = ConceptClassifier(head.shape[0], width=state["net.0.weight"].shape[0])
-        model.load_state_dict(state)
+        model = ConceptClassifier.from_state_dict(state)
     except Exception as err:  # pickle/zip errors, a state dict of another model, ...
         raise check.UsageError(
             f"`--classifier` {check.quote(path)} is not a testbed concept classifier state dict "
             f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})."
         ) from None
-    if concept >= head.shape[0]:
+    classes = model.net[-1].out_features
+    if concept >= classes:
         raise check.UsageError(
             f"`--presence-class` {concept} is out of range: {check.quote(path)} has "
-            f"{head.shape[0]} classes."
+            f"{classes} classes."
         )
     return classifier_log_probs(model.eval())
 

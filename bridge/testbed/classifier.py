@@ -36,6 +36,14 @@ class ConceptClassifier(nn.Module):
             nn.Linear(2 * width, num_concepts),
         )
 
+    @classmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor]) -> ConceptClassifier:
+        """The classifier a saved ``state_dict`` came from: concepts and width read off its layers."""
+        head = [v for v in state.values() if v.ndim == 2][-1]  # the only Linear: the last layer
+        model = cls(head.shape[0], width=state["net.0.weight"].shape[0])
+        model.load_state_dict(state)
+        return model
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(images)
 

@@ -114,10 +114,11 @@ class Stages:
         """unet -> presence of the erased concept under its prompt, and incidental presence."""
         from bridge.generate import generate
         from bridge.presence import classifier_presence
+        from bridge.testbed.predict import presence_seeds
 
         erased = self.world.concept_id(self.cfg.erase)
         prompts = [self.cfg.erase, *self.cfg.finetune_concepts]
-        seeds = list(range(10_000, 10_000 + self.cfg.presence_seeds))
+        seeds = presence_seeds(self.cfg.presence_seeds)
 
         def hook(unet) -> dict[str, float]:
             imgs = generate(
