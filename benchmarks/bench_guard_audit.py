@@ -26,7 +26,7 @@ Seeds: measured (and the audit's predicted) presence uses the demo's presence se
 ``10000 .. 10000 + seeds - 1``; the guard's presence readout uses other seeds
 (``20000 ..``), so the guard is never built on the seeds it is judged on.
 
-    python -m benchmarks.bench_guard_audit --json out.json          # ~1 h on one core
+    python -m benchmarks.bench_guard_audit --json out.json          # ~2 h on one core
     python -m benchmarks.bench_guard_audit --quick                  # smoke size, ~3 min
 
 Progress goes to stderr; the JSON report is printed at the end (and written to ``--json``, also
