@@ -236,7 +236,7 @@ def audit_part(tb: Testbed, method: str, unet, *, top_k: int) -> dict:
 
 # ---- (b) the guard --------------------------------------------------------------------------
 def guard_runs(tb: Testbed, method: str, unet, *, optimizers, refresh: dict, guards,
-               readouts=None, restore: bool = True) -> dict:  # fmt: skip
+               readouts=None, restore: bool = True, restore_readouts=None) -> dict:  # fmt: skip
     from bridge.finetune import FinetuneData, finetune, forget_loss
     from bridge.guard import forget_subspace_guard, retain_core_guard
     from bridge.probes import Probes, finetune_probes
@@ -276,7 +276,7 @@ def guard_runs(tb: Testbed, method: str, unet, *, optimizers, refresh: dict, gua
                 guard = forget_subspace_guard(
                     tb.base, guard_probes, log_probs=classifier_log_probs(tb.classifier),
                     concept=tb.erased, refresh_every=refresh[opt], readouts=readouts,
-                    restore=restore)  # fmt: skip
+                    restore=restore, restore_readouts=restore_readouts)  # fmt: skip
             elif kind == "retain-core":
                 guard = retain_core_guard(retain, refresh_every=refresh[opt])
             else:
@@ -292,6 +292,7 @@ def guard_runs(tb: Testbed, method: str, unet, *, optimizers, refresh: dict, gua
                 "removed_share": float(np.mean(res.guard_removed)) if guard else 0.0,
                 "guard_rank": int(guard.basis.shape[1]) if guard else 0,
                 "restore": bool(guard.restore) if guard else False,
+                "guard_label": guard.label if guard else "",
                 "correction_share": (float(np.mean(guard.corrections))
                                      if guard and guard.corrections else 0.0),  # fmt: skip
                 "seconds": round(time.time() - t0, 1),
@@ -342,6 +343,12 @@ def main(argv=None) -> dict:
         action="store_true",
         help="forget-subspace guard: projection only (no return of the readouts to theta_u)",
     )
+    parser.add_argument(
+        "--restore-readouts",
+        default=None,
+        help="forget-subspace readouts the restoring correction returns to theta_u, "
+        "comma-separated (default: the guard's, presence with a classifier)",
+    )
     parser.add_argument("--refresh-gd", type=int, default=1, help="guard refresh, GD")
     parser.add_argument("--refresh-adamw", type=int, default=20, help="guard refresh, AdamW")
     parser.add_argument("--top-k", type=int, default=4, help="audit eigenpairs per candidate")
@@ -367,6 +374,8 @@ def main(argv=None) -> dict:
                        eval_seed_base=args.eval_seed_base)  # fmt: skip
     guard_readouts = (None if args.guard_readouts is None
                       else tuple(r.strip() for r in args.guard_readouts.split(",")))  # fmt: skip
+    restore_readouts = (None if args.restore_readouts is None
+                        else tuple(r.strip() for r in args.restore_readouts.split(",")))  # fmt: skip
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     parts = {p.strip() for p in args.parts.split(",")}
     report = {
@@ -378,6 +387,7 @@ def main(argv=None) -> dict:
         "guard_presence_seeds": [tb.guard_seeds[0], tb.guard_seeds[-1]],
         "guard_readouts": guard_readouts,
         "guard_restore": not args.no_restore,
+        "guard_restore_readouts": restore_readouts,
         "sample_steps": cfg.sample_steps,
         "guidance_scale": cfg.guidance_scale,
         "methods": {},
@@ -406,6 +416,7 @@ def main(argv=None) -> dict:
                 guards=[g.strip() for g in args.guards.split(",") if g.strip()],
                 readouts=guard_readouts,
                 restore=not args.no_restore,
+                restore_readouts=restore_readouts,
             )  # fmt: skip
         rec["seconds"] = round(time.time() - t0, 1)
         dump()

@@ -35,9 +35,11 @@ by 8-15% of plain fine-tuning's rise; with restoration by 0.1%). At each refresh
 measures how far the readouts R_j have risen above their values at theta_u,
 :math:`r_j = \max(R_j(\theta) - R_j(\theta_u), 0)` (every readout rises with resurgence; one
 that fell is held, not pushed back up), and adds to that refresh's step the minimum-norm
-correction in span(U), :math:`c = -G^{+} r` (G the readout gradients at theta, the extra
-directions with target 0), which cancels r to first order: a Gauss-Newton retraction onto the
-readouts' level set, so the drift no longer accumulates.
+correction in span(U), :math:`c = -G^{+} r` (G the restored readouts' gradients at theta, the
+extra directions with target 0), which cancels r to first order: a Gauss-Newton retraction onto
+the readouts' level set, so the drift no longer accumulates. With a classifier only ``presence``
+(probability units, what resurgence is judged by) is restored; ``presence_logprob`` is held by the
+projection alone, since pulling back its rise at presence ~1e-5 costs benign loss and no presence.
 
 The guard reports the share of each update's norm it removed,
 :math:`\|U U^\top \Delta\theta\| / \|\Delta\theta\|`, and raises :class:`GuardError` when that
@@ -86,10 +88,13 @@ class GuardRows(NamedTuple):
       rows: ``(m, n)`` directions spanning the guard.
       offsets: ``(m,)`` how far each row's readout is above its target (R(theta) - R(theta_u),
         0 where it fell), or None when the rows are not readout gradients (nothing to restore).
+      restored: ``(m,)`` bool, the rows whose offsets the restoring correction cancels (None:
+        all); the others are held by the projection only.
     """
 
     rows: np.ndarray
     offsets: np.ndarray | None = None
+    restored: np.ndarray | None = None
 
 
 #: ``(model, group) -> rows (m, n)`` or :class:`GuardRows`; an object with a ``bind(model,
@@ -197,23 +202,24 @@ class SubspaceGuard:
     def refresh(self) -> torch.Tensor:
         """Re-estimate U at the model's current weights; returns it ``(n, r)``."""
         got = self.directions(self.model, self.group)
-        rows, offsets = got if isinstance(got, GuardRows) else (got, None)
-        rows = np.asarray(rows, np.float64)
-        if self.restore and offsets is not None:
-            offsets = np.asarray(offsets, np.float64)
-        else:
-            offsets = None
+        got = got if isinstance(got, GuardRows) else GuardRows(got)
+        rows, offsets = np.asarray(got.rows, np.float64), None
+        if self.restore and got.offsets is not None:
+            offsets = np.asarray(got.offsets, np.float64)
+            restored = np.ones(len(rows), bool) if got.restored is None else got.restored
         if self.extra is not None:
             rows = np.concatenate([rows, self.extra])
             if offsets is not None:  # fixed directions: no change along them (target 0)
                 offsets = np.concatenate([offsets, np.zeros(len(self.extra))])
+                restored = np.concatenate([restored, np.ones(len(self.extra), bool)])
         ref = next(self.model.parameters())
         basis = orthonormal_basis(rows, energy=self.energy)
         self.basis = torch.from_numpy(basis).to(ref.device)
         self.correction = None
-        if offsets is not None and np.any(offsets):
-            # minimum-norm c with rows @ c = -offsets (least squares where rows are dependent)
-            c = np.linalg.lstsq(rows, -offsets, rcond=RANK_TOL)[0]
+        if offsets is not None and np.any(offsets[restored]):
+            # minimum-norm c with rows @ c = -offsets over the restored rows (least squares where
+            # they are dependent); the other rows constrain nothing: c may move those readouts
+            c = np.linalg.lstsq(rows[restored], -offsets[restored], rcond=RANK_TOL)[0]
             self.correction = torch.from_numpy(c).to(ref.device)
         return self.basis
 
@@ -284,9 +290,10 @@ class ForgetReadouts:
     """
 
     def __init__(self, base, probes: Sequence[Probes], names: Sequence[str], *, log_probs=None,
-                 concept: int | None = None):  # fmt: skip
+                 concept: int | None = None, restore: Sequence[str] | None = None):  # fmt: skip
         self.base, self.probes, self.names = base, list(probes), tuple(names)
         self.log_probs, self.concept = log_probs, concept
+        self.restore = self.names if restore is None else tuple(restore)
         self.sets: list = []
         self.targets: list[np.ndarray] = []
 
@@ -314,7 +321,8 @@ class ForgetReadouts:
             # One-sided: every readout rises with resurgence; one that fell is held where it is,
             # not pushed back up (that would spend benign loss on raising it again).
             offsets.append(np.maximum(got.values - target, 0.0))
-        return GuardRows(np.concatenate(rows), np.concatenate(offsets))
+        restored = np.tile([n in self.restore for n in self.names], len(self.sets))
+        return GuardRows(np.concatenate(rows), np.concatenate(offsets), restored)
 
 
 def forget_subspace_guard(
@@ -327,6 +335,7 @@ def forget_subspace_guard(
     refresh_every: int = 10,
     extra: np.ndarray | None = None,
     restore: bool = True,
+    restore_readouts: Sequence[str] | None = None,
 ) -> SubspaceGuard:
     """The ``forget-subspace`` guard: span of the forget readouts' gradients at the current weights.
 
@@ -344,6 +353,14 @@ def forget_subspace_guard(
       refresh_every: steps between re-estimates. extra: fixed extra directions ``(k, n)``.
       restore: at each refresh, also return the readouts to their values at theta_u (first
         order; see the module docstring). False: projection only.
+      restore_readouts: the readouts whose rise the correction cancels, a subset of
+        ``readouts`` (default ``presence`` with a classifier, else all of them); the others are
+        held by the projection only. Why not ``presence_logprob``: near an erased concept's
+        presence of 1e-5 its rise in log units is large where the probability hardly moves, and
+        pulling it back spends benign loss for nothing measured (tiny testbed, MACE, AdamW).
+
+    Raises:
+      ValueError: empty ``probes``, or a ``restore_readouts`` name that is not guarded.
 
     Returns:
       :class:`SubspaceGuard`.
@@ -360,8 +377,20 @@ def forget_subspace_guard(
             else ("output_rho", "forget_loss_recovery")
         )
     names = tuple(readouts)
-    directions = ForgetReadouts(base, probe_list, names, log_probs=log_probs, concept=concept)
+    if restore_readouts is None:
+        restore_readouts = ("presence",) if "presence" in names and log_probs is not None else names
+    restore_readouts = tuple(restore_readouts)
+    unknown = [r for r in restore_readouts if r not in names]
+    if unknown or not restore_readouts:
+        raise ValueError(
+            f"`restore_readouts` must be a non-empty subset of the guarded readouts {list(names)}, "
+            f"got {list(restore_readouts)}."
+        )
+    directions = ForgetReadouts(base, probe_list, names, log_probs=log_probs, concept=concept,
+                                restore=restore_readouts)  # fmt: skip
     label = f"{len(probe_list)} prompt(s): {', '.join(names)}"
+    if restore and restore_readouts != names:
+        label += f"; restores {', '.join(restore_readouts)}"
     return SubspaceGuard(
         "forget-subspace",
         directions,

@@ -251,15 +251,16 @@ def presence_case(setup, world_model):
             lp = log_probs(sample_at(unlearned, group, theta, smp))[:, 0]
         return torch.stack([lp.exp().mean(), lp.mean()])
 
-    def guarded_run(steps, lr, restore):
+    def guarded_run(steps, lr, restore, restore_readouts=None):
         guard = forget_subspace_guard(base, dataclasses.replace(probes, sampler=smp),
                                       log_probs=log_probs, concept=0, refresh_every=1,
-                                      restore=restore)  # fmt: skip
+                                      restore=restore,
+                                      restore_readouts=restore_readouts)  # fmt: skip
         thetas = [group.values(unlearned)]
         finetune(unlearned, data, _cfg(steps=steps, lr=lr), scheduler=sched, guard=guard,
                  progress=False,
                  on_step=lambda _: thetas.append(group.values(guard.model).clone()))  # fmt: skip
-        assert guard.label.endswith(": presence, presence_logprob") and guard.basis.shape[1] == 2
+        assert ": presence, presence_logprob" in guard.label and guard.basis.shape[1] == 2
         return guard, thetas
 
     loss = FrozenDiffusionLoss(copy.deepcopy(unlearned), group, data.probe_batches)
@@ -286,20 +287,24 @@ def test_projection_only_guard_keeps_presence_first_order_still_at_every_gd_step
     assert len(thetas) == 4
 
 
-def test_restoring_guard_steps_cancel_the_rise_above_theta_u_to_first_order(presence_case):
-    """restore=True: each step's first-order change of the readouts is minus their rise above
-    theta_u's values (the correction returns them to their level set; a readout that fell is held
-    where it is); at step 0 there is nothing to correct, so the step is the plain projection.
-    Finite differences of forward samples, no guard code."""
+@pytest.mark.parametrize("restored", [None, ("presence", "presence_logprob")])
+def test_restoring_guard_steps_cancel_the_rise_above_theta_u_to_first_order(presence_case,
+                                                                            restored):  # fmt: skip
+    """restore=True: each step's first-order change of the restored readouts (default: presence
+    alone) is minus their rise above theta_u's values (the correction returns them to their
+    level set; a readout that fell is held where it is); at step 0 there is nothing to correct,
+    so the step is the plain projection. Finite differences of forward samples, no guard code."""
     readouts, guarded_run, loss = presence_case
     lr = 0.05
-    guard, thetas = guarded_run(4, lr, restore=True)
+    guard, thetas = guarded_run(4, lr, restore=True, restore_readouts=restored)
+    held = [0] if restored is None else [0, 1]  # (presence, presence_logprob) rows restored
+    assert guard.label.endswith("; restores presence") is (restored is None), guard.label
     target = readouts(thetas[0])
     for k, (a, b) in enumerate(zip(thetas, thetas[1:], strict=False)):
-        plain = _directional(readouts, a, -lr * loss.gradient(a))
-        drift = readouts(a) - target
+        plain = _directional(readouts, a, -lr * loss.gradient(a))[held]
+        drift = (readouts(a) - target)[held]
         rise = drift.clamp_min(0.0)
-        change = _directional(readouts, a, b - a)
+        change = _directional(readouts, a, b - a)[held]
         tol = 1e-6 * plain.abs() + 1e-3 * drift.abs()  # FD error, second-order remainder
         assert ((change + rise).abs() <= tol).all(), (k, change, drift)
         if k > 0:
@@ -307,6 +312,13 @@ def test_restoring_guard_steps_cancel_the_rise_above_theta_u_to_first_order(pres
     assert len(guard.corrections) == 3  # steps 2-4: step 1 starts at theta_u
     # the drift after the run: one step's second-order term, not four accumulated
     _, unrestored = guarded_run(4, lr, restore=False)
-    kept = (readouts(thetas[-1]) - target).abs()
-    lost = (readouts(unrestored[-1]) - target).abs()
+    kept = (readouts(thetas[-1]) - target).abs()[held]
+    lost = (readouts(unrestored[-1]) - target).abs()[held]
     assert (kept < 0.5 * lost).all(), (kept, lost)
+
+
+def test_restored_readouts_must_be_guarded_ones(setup):
+    base, _, _, _, _, probes, _ = setup
+    for bad in (("presence",), ()):  # presence is not guarded without a classifier; empty
+        with pytest.raises(ValueError, match="^`restore_readouts` must be a non-empty subset of"):
+            forget_subspace_guard(base, probes, restore_readouts=bad)
