@@ -229,3 +229,34 @@ def _equal(a, b) -> bool:
     import torch
 
     return torch.equal(a.detach(), b.detach().to(a.device, a.dtype))
+
+
+def testbed_classifier(path: Path | None, concept: int | None):
+    """``--classifier`` / ``--presence-class``: differentiable log-probabilities of a saved testbed
+    :class:`bridge.testbed.classifier.ConceptClassifier`, or None when neither is given."""
+    if (path is None) != (concept is None):
+        raise UsageError("give `--classifier` and `--presence-class` together (presence).")
+    if path is None:
+        return None
+    if not Path(path).is_file():
+        raise UsageError(f"`--classifier` {quote(path)} is not a file.")
+    at_least("--presence-class", concept, 0)
+    import torch
+
+    from bridge.testbed.classifier import ConceptClassifier
+    from bridge.testbed.predict import classifier_log_probs
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model = ConceptClassifier.from_state_dict(state)
+    except Exception as err:  # pickle/zip errors, a state dict of another model, ...
+        raise UsageError(
+            f"`--classifier` {quote(path)} is not a testbed concept classifier state dict "
+            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})."
+        ) from None
+    classes = model.net[-1].out_features
+    if concept >= classes:
+        raise UsageError(
+            f"`--presence-class` {concept} is out of range: {quote(path)} has {classes} classes."
+        )
+    return classifier_log_probs(model.eval())

@@ -30,30 +30,6 @@ def _lrs(text: str) -> list[float]:
     return values
 
 
-def _testbed_classifier(path: Path, concept: int):
-    """Differentiable log-probabilities of a saved testbed :class:`ConceptClassifier`."""
-    import torch
-
-    from bridge.testbed.classifier import ConceptClassifier
-    from bridge.testbed.predict import classifier_log_probs
-
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        model = ConceptClassifier.from_state_dict(state)
-    except Exception as err:  # pickle/zip errors, a state dict of another model, ...
-        raise check.UsageError(
-            f"`--classifier` {check.quote(path)} is not a testbed concept classifier state dict "
-            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})."
-        ) from None
-    classes = model.net[-1].out_features
-    if concept >= classes:
-        raise check.UsageError(
-            f"`--presence-class` {concept} is out of range: {check.quote(path)} has "
-            f"{classes} classes."
-        )
-    return classifier_log_probs(model.eval())
-
-
 @one_line_errors
 def audit(
     base: Annotated[Path, typer.Option("--base", help="Base pipeline folder (theta_0).")],
@@ -130,13 +106,7 @@ def audit(
     for folder in finetune_data:
         check.caption_folder("--finetune-data", folder)
     check.parameter_group("--group", group, unet_dir)
-    if (classifier is None) != (presence_class is None):
-        raise check.UsageError("give `--classifier` and `--presence-class` together (presence).")
-    if classifier is not None:
-        if not classifier.is_file():
-            raise check.UsageError(f"`--classifier` {check.quote(classifier)} is not a file.")
-        check.at_least("--presence-class", presence_class, 0)
-        log_probs = _testbed_classifier(classifier, presence_class)  # before any weights load
+    log_probs = check.testbed_classifier(classifier, presence_class)  # before any weights load
 
     from bridge.audit import Candidate, audit_markdown, plot_audit
     from bridge.audit import audit as run_audit

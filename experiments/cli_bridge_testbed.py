@@ -137,6 +137,32 @@ def finetune(
         list[str] | None,
         typer.Option("--retain-prompt", help="Retained concept prompt for --guard retain-core."),
     ] = None,
+    classifier: Annotated[
+        Path | None,
+        typer.Option(
+            "--classifier",
+            help="Testbed concept classifier (state dict, e.g. RUN/classifier.pt of `bridge "
+            "demo`): --guard forget-subspace then holds its presence of each --forget-prompt.",
+        ),
+    ] = None,
+    presence_class: Annotated[
+        int | None,
+        typer.Option("--presence-class", help="The erased concept's class in --classifier."),
+    ] = None,
+    guard_seeds: Annotated[
+        int,
+        typer.Option(
+            "--guard-seeds",
+            help="DDIM seeds of the guard's presence readout (with --classifier); presence is "
+            "held on these seeds, so judge it on others.",
+        ),
+    ] = 256,
+    sample_steps: Annotated[
+        int, typer.Option("--sample-steps", help="DDIM steps of the guard's presence readout.")
+    ] = 15,
+    guidance_scale: Annotated[
+        float, typer.Option("--guidance-scale", help="CFG scale of the guard's presence readout.")
+    ] = 3.0,
 ) -> None:
     """Fine-tune an unlearned UNet on a captioned image folder, tracking rho, forget-loss recovery
     and (with --clip-weights) CLIP-score presence of the erased prompts.
@@ -145,7 +171,9 @@ def finetune(
     forget_loss_recovery of each --forget-prompt (its synonyms: repeat the option), re-estimated
     every --guard-refresh steps; the share of each update it removed is in history.json. At each
     re-estimate it also corrects the readouts' drift from their unlearned values
-    (--no-guard-restore: projection only).
+    (--no-guard-restore: projection only). With --classifier and --presence-class it holds the
+    classifier's presence (and its log-probability) of each prompt's DDIM samples on --guard-seeds
+    seeds instead, and restores presence.
 
     --measured-group must hold every tensor the unlearning edited (ESD-u edits no cross-attention:
     its manifest's group, non-cross-attn, is the default); a group that misses the edit is refused.
@@ -159,6 +187,8 @@ def finetune(
         ("--track-every", track_every),
         ("--presence-seeds", presence_seeds),
         ("--guard-refresh", guard_refresh),
+        ("--guard-seeds", guard_seeds),
+        ("--sample-steps", sample_steps),
     ):
         check.at_least(option, value, 1)
     if grad_clip is not None:
@@ -177,6 +207,14 @@ def finetune(
         raise check.UsageError("`--guard retain-core` needs at least one `--retain-prompt`.")
     if guard != "none" and trainable == "lora":
         raise check.UsageError("`--guard` projects the trained weights' updates: not with lora.")
+    if classifier is not None and guard != "forget-subspace":
+        raise check.UsageError("`--classifier` serves `--guard forget-subspace` only; add it.")
+    if classifier is not None and (base / "vae").is_dir():
+        raise check.UsageError(
+            "`--classifier` is a pixel-space testbed classifier and --base has a VAE (latent "
+            "samples); use the Python API with a classifier of decoded images."
+        )
+    log_probs = check.testbed_classifier(classifier, presence_class)
     cfg = FinetuneConfig(  # its own checks cannot fail after the ones above
         steps=steps,
         lr=lr,
@@ -271,10 +309,20 @@ def finetune(
         from bridge.guard import forget_subspace_guard
         from bridge.probes import Probes
 
-        per_prompt = [Probes([], [b], None, seed) for b in forget]
+        samplers = [None] * len(forget)
+        if log_probs is not None:  # presence of each prompt's own samples
+            from bridge.probes import sampler_probe
+
+            samplers = [
+                sampler_probe(text, p, scheduler=pipe.scheduler, seeds=range(guard_seeds),
+                              steps=sample_steps, guidance_scale=guidance_scale)
+                for p in forget_prompt
+            ]  # fmt: skip
+        per_prompt = [Probes([], [b], smp, seed) for b, smp in zip(forget, samplers, strict=True)]
         update_guard = forget_subspace_guard(
-            pipe.unet, per_prompt, refresh_every=guard_refresh, restore=guard_restore
-        )
+            pipe.unet, per_prompt, refresh_every=guard_refresh, restore=guard_restore,
+            log_probs=log_probs, concept=presence_class,
+        )  # fmt: skip
     elif guard == "retain-core":
         from bridge.guard import retain_core_guard
         from bridge.probes import finetune_probes

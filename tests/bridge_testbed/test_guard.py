@@ -205,11 +205,20 @@ def test_finetune_command_with_guards_and_its_one_line_errors(world, world_model
               str(data), "--forget-prompt", "a red circle", "--forget-prompt", "red circle",
               "--steps", "2", "--lr", "1e-3", "--track-every", "1", "--batch-size", "2",
               "--trainable", "cross-attn"]  # fmt: skip
+    from bridge.testbed.classifier import ConceptClassifier
+
+    torch.manual_seed(0)
+    clf = tmp_path / "classifier.pt"
+    torch.save(ConceptClassifier(len(world.concepts), width=4).state_dict(), clf)
+    presence = ["--classifier", str(clf), "--presence-class", "0", "--guard-seeds", "2",
+                "--sample-steps", "2"]  # fmt: skip
     runner = CliRunner()
-    for k, (guard, restore) in enumerate((
-        (["forget-subspace"], True),
-        (["forget-subspace", "--no-guard-restore"], False),
-        (["retain-core", "--retain-prompt", "a blue square"], False),
+    for k, (guard, restore, label) in enumerate((
+        (["forget-subspace"], True, "2 prompt(s): output_rho, forget_loss_recovery"),
+        (["forget-subspace", "--no-guard-restore"], False, None),
+        (["forget-subspace", *presence], True,
+         "2 prompt(s): presence, presence_logprob; restores presence"),
+        (["retain-core", "--retain-prompt", "a blue square"], False, None),
     )):  # fmt: skip
         out = tmp_path / f"{guard[0]}-{k}"
         res = runner.invoke(app, [*common, "--out", str(out), "--guard", *guard,
@@ -219,7 +228,15 @@ def test_finetune_command_with_guards_and_its_one_line_errors(world, world_model
         assert all(0 < h["guard_removed"] < 1 for h in hist[1:]), hist
         spec = json.loads((out / "manifest.json").read_text())["config"]["guard"]
         assert spec["guard"] == guard[0] and spec["restore"] is restore, spec
+        assert label is None or spec["label"] == label, spec
     for extra, message in (
+        (["--guard", "retain-core", "--retain-prompt", "x", *presence],
+         "`--classifier` serves `--guard forget-subspace` only; add it."),
+        (["--guard", "forget-subspace", "--classifier", str(clf)],
+         "give `--classifier` and `--presence-class` together (presence)."),
+        (["--guard", "forget-subspace", *presence[:3], "9"], "`--presence-class` 9 is out of"),
+        (["--guard", "forget-subspace", *presence, "--guard-seeds", "0"],
+         "`--guard-seeds` must be a finite number >= 1; got 0."),
         (["--guard-refresh", "0"], "`--guard-refresh` must be a finite number >= 1; got 0."),
         (["--guard", "retain-core"], "`--guard retain-core` needs at least one `--retain-prompt`."),
         (["--guard", "pgu"], "`--guard` must be one of none, forget-subspace, retain-core; got"),
