@@ -80,6 +80,13 @@ FIGURES: list[Figure] = [
     ),
     Figure(
         "theory",
+        "predict_rho evaluations/s (jit+vmap)",
+        "predict_rho.evaluations_per_s_jax",
+        "predict_rho.evaluations_per_s_expm1_floor",
+        "its expm1 calls alone (the floor), evaluations/s",
+    ),
+    Figure(
+        "theory",
         "fine-tuning closed form + law, s (d=256)",
         "pipeline.finetune_setup+gd_closed_form+law_s",
         "pipeline.numpy_finetune_s",
