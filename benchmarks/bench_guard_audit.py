@@ -85,6 +85,11 @@ class Testbed:
     guard_seeds: list[int]
 
 
+def _readout_names(text: str | None) -> tuple[str, ...] | None:
+    """A comma-separated readout option as names, or None (the guard's default) when not given."""
+    return None if text is None else tuple(r.strip() for r in text.split(","))
+
+
 def build_testbed(cfg, run: Path, *, seeds: int, guard_seeds: int,
                   eval_seed_base: int = EVAL_SEED_BASE) -> Testbed:  # fmt: skip
     from bridge.testbed.stages import Stages
@@ -372,10 +377,8 @@ def main(argv=None) -> dict:
     guard_seeds = min(args.guard_seeds, 4) if args.quick else args.guard_seeds
     tb = build_testbed(cfg, run, seeds=seeds, guard_seeds=guard_seeds,
                        eval_seed_base=args.eval_seed_base)  # fmt: skip
-    guard_readouts = (None if args.guard_readouts is None
-                      else tuple(r.strip() for r in args.guard_readouts.split(",")))  # fmt: skip
-    restore_readouts = (None if args.restore_readouts is None
-                        else tuple(r.strip() for r in args.restore_readouts.split(",")))  # fmt: skip
+    guard_readouts = _readout_names(args.guard_readouts)
+    restore_readouts = _readout_names(args.restore_readouts)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     parts = {p.strip() for p in args.parts.split(",")}
     report = {
