@@ -224,7 +224,8 @@ def _experiment_config(config: Path | None, set_: list[str] | None):
 def _report(folders: list[Path], out: Path) -> dict:
     """claims.md / claims.json, results.csv and both figures of experiment folders, in ``out``.
 
-    Several folders (e.g. one run per task, run side by side) are merged into one table.
+    Several folders (e.g. one run per task or method, run side by side) are merged into one
+    table; rows that several runs measured alike (the base model's) are kept once.
     """
     import shutil
 
@@ -233,8 +234,7 @@ def _report(folders: list[Path], out: Path) -> dict:
     from bridge.realworld.table import ResultsTable
     from theory._atomic import atomic_write_json, atomic_write_text
 
-    rows = [r for f in folders for r in ResultsTable.read_csv(f / "results.csv").rows]
-    table = ResultsTable(rows)
+    table = ResultsTable.merge(ResultsTable.read_csv(f / "results.csv") for f in folders)
     out.mkdir(parents=True, exist_ok=True)
     if folders != [out]:
         table.to_csv(out / "results.csv")

@@ -40,11 +40,17 @@ class ExperimentConfig:
     """Every knob of ``resurgence bridge realworld experiment`` (flat TOML keys).
 
     Attributes:
-      tasks: task names of :func:`~bridge.realworld.protocol.default_tasks` ("ship", "pistol",
-        "Statue of Liberty", "Santa Claus", "OpenMoji style").
+      tasks: task names of :func:`~bridge.realworld.protocol.default_tasks` ("ship", "bomb",
+        "pistol", "Statue of Liberty", "Santa Claus", "OpenMoji style").
       methods: unlearning methods (any spelling :func:`bridge.unlearning.run.unlearn` accepts).
       uce_lams: UCE ridge strengths; each is one ``config`` (claim (d): regularisation).
+      uce_from_token: which tokens UCE edits (:func:`~bridge.unlearning.uce.uce_token_embeddings`):
+        ``"first"`` (every word's token) suits MiniLM, a bidirectional encoder in which every
+        token carries the whole prompt; ``"last"`` is the UCE code's choice for CLIP's causal one.
+      preserve_for: the methods (of those that take a preserve set: UCE, MACE) that keep every
+        benign candidate's prompts while erasing (:meth:`~bridge.realworld.protocol.Task.preserved`).
       esd_steps, esd_lr: ESD-x optimisation (the official code's 1e-5 is tuned for SD).
+      mace_lr: the learning rate of MACE's LoRA stage (the official 1e-4 is tuned for SD).
       recipes: ``"lora"`` and/or ``"full"`` (the authors' two fine-tuning algorithms).
       finetune_steps, checkpoint_every, batch_size: fine-tuning length, evaluation grid, batch.
       lora_lr, full_lr: peak learning rates (the authors': 1e-4 LoRA cosine, 1e-5 full).
@@ -54,11 +60,14 @@ class ExperimentConfig:
       seed: the protocol's seed (the authors': 1337). threads: torch CPU threads.
     """
 
-    tasks: tuple[str, ...] = ("ship", "pistol", "Statue of Liberty")
-    methods: tuple[str, ...] = ("uce", "esd-x")
+    tasks: tuple[str, ...] = ("ship", "bomb", "Statue of Liberty", "Santa Claus", "OpenMoji style")
+    methods: tuple[str, ...] = ("uce", "esd-x", "mace")
     uce_lams: tuple[float, ...] = (0.1,)
+    uce_from_token: str = "first"
+    preserve_for: tuple[str, ...] = ("uce", "mace")
     esd_steps: int = 200
     esd_lr: float = 1e-5
+    mace_lr: float = 1e-4
     recipes: tuple[str, ...] = ("lora", "full")
     finetune_steps: int = 1000
     checkpoint_every: int = 100
@@ -85,6 +94,12 @@ class ExperimentConfig:
         bad = [r for r in self.recipes if r not in ("lora", "full")]
         if bad:
             raise ValueError(f"`recipes` has {bad[0]!r}; use 'lora' and/or 'full'.")
+        if self.uce_from_token not in ("first", "last"):
+            raise ValueError(f"`uce_from_token` must be 'first' or 'last', got {self.uce_from_token!r}.")
+        takes = ("uce", "uce_v", "mace")
+        bad = [m for m in self.preserve_for if _method(m) not in takes]
+        if bad:
+            raise ValueError(f"`preserve_for` has {bad[0]!r}; only UCE and MACE take a preserve set.")
         if any(lam <= 0 for lam in self.uce_lams):
             raise ValueError(f"`uce_lams` must be > 0, got {list(self.uce_lams)}.")
         if not 0 <= self.full_ema < 1:
@@ -131,19 +146,37 @@ class ExperimentConfig:
 
     def unlearning_configs(self, method: str) -> list[tuple[str, dict]]:
         """``(config label, method options)`` of ``method``: one per UCE lambda, else one."""
-        from bridge.unlearning.names import resolve_method_name
-
-        name = resolve_method_name(method).name
+        name = _method(method)
         if name in ("uce", "uce_v"):
-            return [(f"lam={lam:g}", {"lam": float(lam)}) for lam in self.uce_lams]
+            return [
+                (f"lam={lam:g}", {"lam": float(lam), "from_token": self.uce_from_token})
+                for lam in self.uce_lams
+            ]
         if name in ("esd_x", "esd_u"):
             return [("default", {"steps": self.esd_steps, "lr": self.esd_lr})]
+        if name == "mace":
+            return [("default", {"lr": self.mace_lr})]
         return [("default", {})]
+
+    def targets(self, method: str, task: Task) -> dict:
+        """The task's anchors and preserve set, for the methods that take them (UCE, MACE)."""
+        name = _method(method)
+        if name not in ("uce", "uce_v", "mace"):
+            return {}
+        keep = name in {_method(m) for m in self.preserve_for}
+        return {"anchors": list(task.anchors) or None, "preserve": list(task.preserved()) if keep else []}
 
     def to_dict(self) -> dict:
         return {
             k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()
         }
+
+
+def _method(name: str) -> str:
+    """The canonical name of a method spelling (``"esd-x"`` -> ``"esd_x"``)."""
+    from bridge.unlearning.names import resolve_method_name
+
+    return resolve_method_name(name).name
 
 
 def load_experiment_config(path=None, overrides=()) -> ExperimentConfig:
@@ -244,6 +277,7 @@ def _unlearned(model, task: Task, method: str, label: str, options: dict, cfg, o
         list(task.erased),
         seed=cfg.seed,
         progress=False,
+        **cfg.targets(method, task),
         **options,
     )
     base = dict(model.unet.named_parameters())

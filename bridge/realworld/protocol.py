@@ -46,6 +46,7 @@ DEFAULT_TASK_KINDS: dict[str, str] = {
     "ship": "object",
     "Santa Claus": "character",
     "pistol": "unsafe",
+    "bomb": "unsafe",
     "Statue of Liberty": "identity",
     STYLE_PHRASES["openmoji"]: "style",
 }
@@ -106,6 +107,8 @@ class Task:
       synonyms: paraphrase prompts of the erased concept.
       candidates: ``{concept name: prompts}`` of every other concept, the benign pool.
       phrase: the text whose similarity to each candidate bins the pool.
+      anchors: what each erased prompt is mapped to by methods that take a target prompt (UCE's
+        anchors, MACE's mapping); empty: the null prompt, both methods' default.
     """
 
     name: str
@@ -114,6 +117,18 @@ class Task:
     synonyms: tuple[str, ...]
     candidates: dict[str, tuple[str, ...]]
     phrase: str
+    anchors: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.anchors and len(self.anchors) != len(self.erased):
+            raise ValueError(
+                f"task {self.name!r}: {len(self.anchors)} anchors for {len(self.erased)} erased "
+                "prompts; give one each, or none (the null prompt)."
+            )
+
+    def preserved(self) -> tuple[str, ...]:
+        """Every benign candidate's prompts: the set that UCE and MACE keep while erasing."""
+        return tuple(p for prompts in self.candidates.values() for p in prompts)
 
 
 def _prompts(phrase: str, templates: Sequence[str], tail: str = "") -> tuple[str, ...]:
@@ -137,8 +152,12 @@ def default_tasks(concepts: Sequence[str], templates: Sequence[str] = TEMPLATES)
 
     object: "ship" (CIFAR-10); style: "in OpenMoji style" (a vendor's drawing style, the
     copyrighted-style analogue; benign data are other concepts in Noto style); character: "Santa
-    Claus"; unsafe: "pistol" (Noto draws a water pistol, OpenMoji a revolver: a vendor's own
-    "unlearning" inside the data); identity: "Statue of Liberty" (a unique landmark).
+    Claus"; unsafe: "bomb", and "pistol" (Noto draws a water pistol, OpenMoji a revolver: a
+    vendor's own "unlearning" inside the data; the 16 px base model draws OpenMoji's thin revolver
+    poorly, so the experiment's unsafe task is "bomb"); identity: "Statue of Liberty" (a unique
+    landmark). The style task maps each erased prompt to the same concept in Noto style
+    (``anchors``): with the null prompt as target the edit leaves the style in place, because
+    prompts that name no style draw either vendor's.
 
     Args:
       concepts: concept names of the world (the benign pool is all the others).
@@ -155,13 +174,15 @@ def default_tasks(concepts: Sequence[str], templates: Sequence[str] = TEMPLATES)
             tasks[target] = _concept_task(target, kind, find_concept(target), pool, templates)
     om, noto = STYLE_PHRASES["openmoji"], STYLE_PHRASES["noto"]
     style_synonyms = ("the OpenMoji emoji style", "OpenMoji artwork", "the style of OpenMoji")
+    erased = tuple(p for c in pool[:5] for p in _prompts(c.phrase, templates[:1], f" in {om}"))
     tasks[om] = Task(
         name=om,
         kind="style",
-        erased=tuple(p for c in pool[:5] for p in _prompts(c.phrase, templates[:1], f" in {om}")),
+        erased=erased,
         synonyms=tuple(f"{pool[0].phrase} in {s}" for s in style_synonyms),
         candidates={c.name: _prompts(c.phrase, templates, f" in {noto}") for c in pool},
         phrase=om,
+        anchors=tuple(p.replace(f" in {om}", f" in {noto}") for p in erased),
     )
     return tasks
 

@@ -97,6 +97,31 @@ class ResultsTable:
         """
         self.rows.append(_row(values))
 
+    @classmethod
+    def merge(cls, tables) -> ResultsTable:
+        """One table of several runs' tables (e.g. one run per method, run side by side).
+
+        A row that two runs both measured (the base model's scores, which every run computes)
+        is kept once when the values agree.
+
+        Raises:
+          ValueError: two runs give different values for the same row (naming it).
+        """
+        merged, seen = cls(), {}
+        for table in tables:
+            for row in table.rows:
+                key = tuple(row[c] for c in COLUMNS[:-1])
+                if key in seen:
+                    if seen[key] != row["value"]:
+                        raise ValueError(
+                            f"two runs disagree on {dict(zip(COLUMNS[:-1], key, strict=True))}: "
+                            f"{seen[key]!r} vs {row['value']!r}; were they run with one config?"
+                        )
+                    continue
+                seen[key] = row["value"]
+                merged.rows.append(dict(row))
+        return merged
+
     def __len__(self) -> int:
         return len(self.rows)
 

@@ -172,6 +172,34 @@ def test_claims_refute_what_the_table_contradicts():
     )
 
 
+@requires_noto
+def test_uce_keeps_the_benign_prompts_it_is_given(model, finished):
+    """The experiment's UCE edit (preserve set on) moves the keys and values of every benign
+    candidate's tokens far less than the same edit without it."""
+    import torch
+
+    from bridge.realworld.protocol import default_tasks
+    from bridge.unlearning.run import unlearn
+
+    out, _ = finished
+    task = default_tasks(model.world.concepts)["pistol"]
+    kept = torch.load(out / "unlearned" / "pistol" / "uce_lam_0_1.pt", weights_only=True)
+    bare = unlearn("uce", model.unet, model.text, model.scheduler, list(task.erased), lam=0.1,
+                   from_token="first", progress=False)  # fmt: skip
+    base, bare_p = dict(model.unet.named_parameters()), dict(bare.unet.named_parameters())
+    with torch.no_grad():
+        tokens = model.text.encode_prompts(list(task.preserved())).reshape(-1, 384).double()
+
+        def moved(weights) -> float:  # relative change of the K/V outputs of the kept tokens
+            num = sum(float(((weights[n].double() - base[n].double()) @ tokens.T).norm() ** 2) for n in kept)
+            den = sum(float((base[n].double() @ tokens.T).norm() ** 2) for n in kept)
+            return (num / den) ** 0.5
+
+        with_set, without = moved(kept), moved({n: bare_p[n] for n in kept})
+    assert kept and all(n.endswith(("to_k.weight", "to_v.weight")) for n in kept)
+    assert with_set < 0.5 * without, (with_set, without)
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -180,6 +208,11 @@ def test_claims_refute_what_the_table_contradicts():
         (["--set", "full_ema=1.5"], "`full_ema` must be in [0, 1)"),
         (["--set", "methods=[]"], "`methods` is empty"),
         (["--set", "finetune_step=3"], "unknown key `finetune_step`"),
+        (["--set", "uce_from_token='middle'"], "`uce_from_token` must be 'first' or 'last'"),
+        (
+            ["--set", "preserve_for=['esd-x']"],
+            "`preserve_for` has 'esd-x'; only UCE and MACE take a preserve set.",
+        ),
     ],
 )
 @requires_noto

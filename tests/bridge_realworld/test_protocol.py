@@ -55,7 +55,9 @@ def test_an_empty_bin_is_named_with_its_range():
 
 def test_minilm_bins_put_similar_concepts_high(minilm):
     tasks = default_tasks(ALL)
-    assert set(tasks) == {"ship", "Santa Claus", "pistol", "Statue of Liberty", "OpenMoji style"}
+    assert set(tasks) == {
+        "ship", "Santa Claus", "pistol", "bomb", "Statue of Liberty", "OpenMoji style"
+    }
     protocol = Protocol(max_per_bin=None)
     bins = protocol.bins(tasks["ship"], minilm.similarity)
     assert len(bins) == 4 and sum(len(b.concepts) for b in bins) == len(ALL) - 1
@@ -89,6 +91,21 @@ def test_prompt_groups_erased_synonyms_others():
     style = default_tasks(ALL)["OpenMoji style"]
     assert all(p.endswith(" in OpenMoji style") for p in style.erased)
     assert all(ps[0].endswith(" in Noto style") for ps in style.candidates.values())
+
+
+def test_tasks_carry_their_anchors_and_preserve_set():
+    import dataclasses
+
+    tasks = default_tasks(ALL)
+    style, ship = tasks["OpenMoji style"], tasks["ship"]
+    # the style is erased by mapping each prompt to the same concept drawn by the other vendor
+    assert style.anchors[0] == "an airplane in Noto style" and len(style.anchors) == len(style.erased)
+    assert ship.anchors == ()  # concepts: the null prompt, UCE's and MACE's default
+    kept = ship.preserved()
+    assert len(kept) == 5 * (len(ALL) - 1) and "a photo of a sailboat" in kept
+    assert not any("ship" in p for p in kept)
+    with pytest.raises(ValueError, match=re.escape("task 'ship': 2 anchors for 5 erased prompts")):
+        dataclasses.replace(ship, anchors=("a", "b"))
 
 
 def test_recipes_are_the_authors():
@@ -164,6 +181,15 @@ def test_results_table_round_trips_with_the_authors_columns(tmp_path):
 def test_bad_rows_are_refused(change, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         ResultsTable().add(**_row(**change))
+
+
+def test_merging_tables_keeps_a_shared_row_once_and_refuses_a_conflict():
+    base = _row(algo="base", config="none", type="base", finetune_algo="none", finetune_set="none")
+    uce, esd = _row(value=0.25), _row(algo="esd-x", config="default", value=0.5)
+    merged = ResultsTable.merge([ResultsTable([base, uce]), ResultsTable([base, esd])])
+    assert [r["algo"] for r in merged.rows] == ["base", "uce", "esd-x"]
+    with pytest.raises(ValueError, match="two runs disagree on .*'algo': 'base'.*0.5 vs 0.75"):
+        ResultsTable.merge([ResultsTable([{**base, "value": 0.5}]), ResultsTable([{**base, "value": 0.75}])])
 
 
 def test_missing_columns_and_foreign_csv(tmp_path):
