@@ -34,11 +34,19 @@ def figures(
     bridge_demo: bool = typer.Option(
         False, "--bridge-demo/--no-bridge-demo", help="Also run the tiny CPU bridge testbed."
     ),
+    jobs: int = typer.Option(
+        0,
+        "--jobs",
+        help="Figures made side by side in this many processes (0: one a CPU this process may "
+        "use, at most one a figure). The numbers do not depend on it.",
+    ),
 ) -> None:
     """Regenerate every default theory figure (and optionally the bridge testbed figure)."""
-    from experiments.figures_main import make_all_figures
+    from experiments.figures_main import default_jobs, make_all_figures
 
-    make_all_figures(out=out, runs=runs, bridge_demo=bridge_demo)
+    if jobs < 0:
+        raise typer.BadParameter(f"must be >= 0, got {jobs}.", param_hint="--jobs")
+    make_all_figures(out=out, runs=runs, bridge_demo=bridge_demo, jobs=jobs or default_jobs())
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -10,7 +10,14 @@ import re
 import time
 from pathlib import Path
 
-__all__ = ["FIGURE_MODULES", "SUMMARY_NAME", "make_all_figures", "bridge_summary", "compare_summaries"]
+__all__ = [
+    "FIGURE_MODULES",
+    "SUMMARY_NAME",
+    "bridge_summary",
+    "compare_summaries",
+    "default_jobs",
+    "make_all_figures",
+]
 
 # Every number a figure title, docs/figures.md or the README states, as the run computed it.
 SUMMARY_NAME = "summary.json"
@@ -39,9 +46,43 @@ FIGURE_MODULES = (
     "experiments.figures.fig_guard",
 )
 
+# The same modules, costliest first (cold wall seconds on 2 cores), so that with several jobs
+# the long figures start first and the short ones fill in.
+_BY_COST = (
+    "experiments.figures.fig_guard",
+    "experiments.figures.fig_phase",
+    "experiments.figures.fig_curves",
+    "experiments.figures.fig_knobs",
+    "experiments.figures.fig_readouts",
+    "experiments.figures.fig_closure",
+    "experiments.figures.fig_spectrum",
+    "experiments.figures.fig_presence",
+)
+
+
+def _make_figure(module_name: str, out, runs):
+    """One figure (in a worker process when ``jobs > 1``): ``(NAME, FigureResult, seconds)``."""
+    from experiments.sweep import enable_compilation_cache
+
+    enable_compilation_cache()
+    tick = time.perf_counter()
+    module = importlib.import_module(module_name)
+    return module.NAME, module.make(out, runs, progress=False), time.perf_counter() - tick
+
+
+def default_jobs() -> int:
+    """Worker processes for the figures: the CPUs this process may use, at most one a figure."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(cpus or 1, len(FIGURE_MODULES)))
+
 
 def make_all_figures(
-    out="figures", runs="runs/figures", bridge_demo: bool = False, *, progress: bool = True
+    out="figures",
+    runs="runs/figures",
+    bridge_demo: bool = False,
+    *,
+    jobs: int = 1,
+    progress: bool = True,
 ):
     """Run the default sweeps (resuming finished ones) and write ``out/theory_*.{png,pdf}``.
 
@@ -49,25 +90,42 @@ def make_all_figures(
       out: folder for the figures.
       runs: folder for the sweep results behind them (one sub-folder per config).
       bridge_demo: also run the tiny CPU bridge testbed.
+      jobs: figures made side by side in this many processes (each figure's sweep and XLA
+        compile run on one core most of the time, so a second core halves the wall time; the
+        numbers are the same computations, so they do not change).
       progress: print one line per figure.
 
     Returns:
-      dict figure name -> :class:`experiments.figures._style.FigureResult`.
-    """
-    from experiments.sweep import enable_compilation_cache
+      dict figure name -> :class:`experiments.figures._style.FigureResult`, in the paper's order.
 
-    enable_compilation_cache()
-    results = {}
+    Raises:
+      ValueError: ``jobs < 1``.
+    """
+    if jobs < 1:
+        raise ValueError(f"`jobs` must be >= 1, got {jobs}.")
+    done = {}
     start = time.perf_counter()
-    for name in FIGURE_MODULES:
-        tick = time.perf_counter()
-        module = importlib.import_module(name)
-        results[module.NAME] = module.make(out, runs, progress=False)
+
+    def report(name, result, seconds) -> None:
+        done[name] = result
         if progress:
-            print(
-                f"{module.NAME}: {results[module.NAME].png} ({time.perf_counter() - tick:.1f} s)",
-                flush=True,
-            )
+            print(f"{name}: {result.png} ({seconds:.1f} s)", flush=True)
+
+    if jobs == 1:
+        for module_name in FIGURE_MODULES:
+            report(*_make_figure(module_name, out, runs))
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        # spawn, not fork: a forked child inherits JAX's and BLAS's threads in an unknown state.
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+            futures = [pool.submit(_make_figure, m, out, runs) for m in _BY_COST]
+            for future in as_completed(futures):
+                report(*future.result())
+    order = [importlib.import_module(m).NAME for m in FIGURE_MODULES]
+    results = {name: done[name] for name in order}
     summary = {name: result.summary for name, result in results.items()}
     if bridge_demo:
         summary["bridge_testbed"] = bridge_summary(_run_bridge_demo(out, runs))

@@ -28,7 +28,9 @@ COMMITTED = json.loads((ROOT / "figures" / SUMMARY_NAME).read_text())
 
 @pytest.mark.slow
 def test_theory_headline_numbers_regenerate(tmp_path):
-    results = make_all_figures(out=tmp_path / "fig", runs=tmp_path / "runs", progress=False)
+    # two worker processes, as `resurgence figures` on 2 CPUs: the committed summary was made by
+    # one process, so this also checks that the figures' numbers do not depend on `jobs`
+    results = make_all_figures(out=tmp_path / "fig", runs=tmp_path / "runs", jobs=2, progress=False)
     assert len(results) == len(FIGURE_MODULES)
     regenerated = json.loads((tmp_path / "fig" / SUMMARY_NAME).read_text())
     problems = []
@@ -39,6 +41,14 @@ def test_theory_headline_numbers_regenerate(tmp_path):
     # is the exact presence (same Monte-Carlo key), for every method.
     by_rank = regenerated["theory_readouts"]["median_presence_error_by_rank"]
     assert all(errors["120"] <= 1e-12 for errors in by_rank.values()), by_rank
+
+
+def test_parallel_figures_run_every_module_once_and_refuse_no_jobs():
+    from experiments.figures_main import _BY_COST
+
+    assert sorted(_BY_COST) == sorted(FIGURE_MODULES) and len(set(_BY_COST)) == len(_BY_COST)
+    with pytest.raises(ValueError, match=re.escape("`jobs` must be >= 1, got 0.")):
+        make_all_figures(jobs=0)
 
 
 def test_compare_summaries_reports_each_difference():

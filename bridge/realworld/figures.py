@@ -16,6 +16,14 @@ from bridge.realworld.table import ResultsTable, step_of
 __all__ = ["plot_resurgence_curves", "plot_sample_grid"]
 
 
+#: How a figure title names each prompt group.
+_GROUP_WORDS = {
+    "erased": "its own prompts",
+    "synonyms": "its synonyms' prompts",
+    "others": "other concepts' prompts",
+}
+
+
 def _series(table: ResultsTable, prompts: str = "erased", metric: str = "presence"):
     base, unlearned, curves = {}, {}, defaultdict(list)
     for r in table.rows:
@@ -82,7 +90,8 @@ def plot_resurgence_curves(table: ResultsTable, path, *, prompts: str = "erased"
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8,
                frameon=False)
     fig.suptitle(
-        f"Presence of the erased concept under its {prompts} prompts during benign fine-tuning\n"
+        f"Presence of the erased concept under {_GROUP_WORDS.get(prompts, prompts)} during "
+        "benign fine-tuning\n"
         "(real-image testbed; bins: MiniLM similarity of the fine-tuning concepts, bin0 least similar)",
         fontsize=11,
     )
