@@ -222,7 +222,7 @@ def _experiment_config(config: Path | None, set_: list[str] | None):
 
 
 def _report(folders: list[Path], out: Path) -> dict:
-    """claims.md / claims.json, results.csv and both figures of experiment folders, in ``out``.
+    """claims.md/.json, erasure.md/.json, results.csv and the figures of experiment folders.
 
     Several folders (e.g. one run per task or method, run side by side) are merged into one
     table; rows that several runs measured alike (the base model's) are kept once.
@@ -230,6 +230,7 @@ def _report(folders: list[Path], out: Path) -> dict:
     import shutil
 
     from bridge.realworld.claims import claims, claims_markdown
+    from bridge.realworld.erasure import erasure_markdown, erasure_rows
     from bridge.realworld.figures import plot_resurgence_curves, plot_sample_grid
     from bridge.realworld.table import ResultsTable
     from theory._atomic import atomic_write_json, atomic_write_text
@@ -245,6 +246,9 @@ def _report(folders: list[Path], out: Path) -> dict:
     found = claims(table)
     atomic_write_json(out / "claims.json", found)
     atomic_write_text(out / "claims.md", claims_markdown(found))
+    erased = erasure_rows(table)
+    atomic_write_json(out / "erasure.json", erased)
+    atomic_write_text(out / "erasure.md", erasure_markdown(erased))
     plot_resurgence_curves(table, out / "resurgence.png")
     plot_resurgence_curves(table, out / "resurgence_synonyms.png", prompts="synonyms")
     plot_sample_grid(out, out / "samples.png")

@@ -200,6 +200,27 @@ def test_uce_keeps_the_benign_prompts_it_is_given(model, finished):
     assert with_set < 0.5 * without, (with_set, without)
 
 
+def test_erasure_table_reads_targets_collateral_and_largest_return():
+    from bridge.realworld.erasure import erasure_markdown, erasure_rows
+
+    table = _table([0.2, 0.3, 0.4, 0.5], unlearned=0.15)
+    for task, own in (("ship", 0.8), ("Statue of Liberty", 0.9)):
+        for type_, algo, config, value in (("base", "base", "none", own), ("unlearned", "uce", "lam=0.1", 0.75)):
+            table.add(algo=algo, task=task, config=config, finetune_algo="none", finetune_set="none",
+                      prompts="others", seed=1337, type=type_, metric="own", value=value)  # fmt: skip
+    rows = {r["task"]: r for r in erasure_rows(table)}
+    ship = rows["ship"]
+    assert (ship["base"], ship["unlearned"], ship["erased_ok"]) == (0.95, 0.15, False)
+    assert ship["own_drop"] == pytest.approx(0.05) and ship["collateral_ok"]
+    assert rows["Statue of Liberty"]["own_drop"] == pytest.approx(0.15)
+    assert not rows["Statue of Liberty"]["collateral_ok"]
+    # the largest return: bin3's 0.5 at step 10 (LoRA is met first), minus 0.15 after unlearning
+    assert ship["max_recovery"] == pytest.approx(0.35) and ship["max_recovery_at"] == "lora bin3 step 10"
+    text = erasure_markdown(list(rows.values()))
+    assert "| ship | uce lam=0.1 | 0.95 | 0.15 **(missed)** |" in text
+    assert "0.90 -> 0.75 **(missed)**" in text and text.count("(missed)") == 3
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -263,3 +284,5 @@ def test_report_merges_folders_into_one_table_with_claims_and_figures(tmp_path):
     assert found[0]["numbers"]["mean_recovery"] == pytest.approx(0.25)
     for png in ("resurgence.png", "resurgence_synonyms.png", "samples.png"):
         assert (out / png).stat().st_size > 10_000
+    assert json.loads((out / "erasure.json").read_text())[0]["task"] == "ship"
+    assert (out / "erasure.md").read_text().startswith("| task | unlearning |")
