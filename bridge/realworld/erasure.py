@@ -32,7 +32,7 @@ def _values(table: ResultsTable):
 
 
 def erasure_rows(table: ResultsTable) -> list[dict]:
-    """One dict per (task, unlearning run), in the table's order; see the module docstring.
+    """One dict per (task, unlearning run), task by task in the table's order (module docstring).
 
     Keys: ``task, method, config, base, unlearned, synonyms_base, synonyms_unlearned, own_base,
     own_unlearned, own_drop, erased_ok, collateral_ok, max_recovery, max_recovery_at``
@@ -41,6 +41,8 @@ def erasure_rows(table: ResultsTable) -> list[dict]:
     v = _values(table)
     base = {k[0]: k for k in v if k[3] == "base"}
     runs = list(dict.fromkeys((k[0], k[1], k[2]) for k in v if k[3] == "unlearned"))
+    tasks = list(dict.fromkeys(r[0] for r in runs))
+    runs.sort(key=lambda r: tasks.index(r[0]))  # task by task (merged folders interleave them)
     out = []
     for task, algo, config in runs:
 
