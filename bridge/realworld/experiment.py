@@ -10,6 +10,7 @@ Run folder layout (a rerun skips every finished unit, so an interrupted run resu
 
     out/results.csv                   the long-format table (rewritten after each unit)
     out/progress.json                 finished units
+    out/config.json                   the knobs the units were run with (a resume must match)
     out/finetune_sets/<task>/<bin>.pt images sampled from the base model, and their captions
     out/unlearned/<task>/<method>.pt  the unlearned UNet's state (edited tensors only)
     out/samples/<unit>.pt             the first erased-prompt images of each model state
@@ -227,6 +228,32 @@ class _Progress:
         atomic_write_json(self.path, {"done": sorted(self.done)})
 
 
+#: Knobs that only choose which units run (each unit is keyed by them): a folder may be resumed
+#: or extended with other values of these; every other knob changes what a unit computes.
+_UNIT_KEYS = ("tasks", "methods", "uce_lams", "recipes", "threads")
+
+
+def _check_resume(out: Path, cfg: ExperimentConfig) -> None:
+    """Record the knobs of a new run folder; refuse to resume one run with other knobs.
+
+    Raises:
+      ValueError: naming each knob that differs, with both values.
+    """
+    path = out / "config.json"
+    now = {k: v for k, v in cfg.to_dict().items() if k not in _UNIT_KEYS}
+    if not path.is_file():
+        atomic_write_json(path, now)
+        return
+    before = json.loads(path.read_text())
+    diff = sorted(k for k in set(now) | set(before) if now.get(k) != before.get(k))
+    if diff:
+        changes = "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in diff)
+        raise ValueError(
+            f"{out} holds units run with other settings ({changes}); give another `--out`, "
+            "or the folder's settings (only tasks, methods, uce_lams, recipes, threads may change)."
+        )
+
+
 def _rows(base: dict, scores: dict[str, float], type_: str) -> list[dict]:
     out = []
     for key, value in scores.items():
@@ -343,7 +370,8 @@ def run_experiment(model, cfg: ExperimentConfig, out_dir, *, progress: bool = Tr
       ``{"units", "rows", "wall_time_s", "bins": {task: [{label, concepts, low, high}]}}``.
 
     Raises:
-      ValueError: a task that is not in the model's world (the known task names listed).
+      ValueError: a task that is not in the model's world (the known task names listed), or a
+        folder that holds units run with other settings (each differing knob named).
     """
     torch.set_num_threads(cfg.threads)
     out = Path(out_dir)
@@ -351,6 +379,7 @@ def run_experiment(model, cfg: ExperimentConfig, out_dir, *, progress: bool = Tr
     t0 = time.time()
     protocol = cfg.protocol()
     tasks = check_tasks(cfg, model.world)
+    _check_resume(out, cfg)
     state = _Progress(out)
     seeds = protocol.eval_seeds(cfg.eval_seeds)
     plan = []

@@ -1,7 +1,8 @@
 """The resurgence law's predictions on the real-image testbed, beside measured fine-tuning.
 
 For one task and unlearning run of the experiment (:mod:`bridge.realworld.experiment`; its
-cached unlearned UNet and fine-tuning sets are reused when ``out`` is the experiment's folder),
+cached unlearned UNet and fine-tuning sets are reused when ``out`` is an experiment folder run
+with the same settings),
 each similarity bin's fine-tuning set gets one curvature measurement at theta_u, from which the
 law predicts presence (generated at the predicted parameters, :func:`bridge.predict.
 predict_at_points`), ``output_rho`` and forget-loss recovery for every learning rate and step;
@@ -109,7 +110,8 @@ def predict_realworld(
       model: the base :class:`~bridge.realworld.bundle.RealWorldModel`.
       cfg: the :class:`~bridge.realworld.experiment.ExperimentConfig` (protocol, unlearning
         options, sampling); its first unlearning config of ``method`` is used.
-      out_dir: the run folder (the experiment's folder reuses its unlearned UNet and sets).
+      out_dir: the run folder (an experiment folder run with the same settings lends its
+        unlearned UNet and fine-tuning sets; one run with other settings is refused).
       task: a concept task of the config (the style task has no concept classifier class).
       method: the unlearning method. settings: :class:`PredictSettings`. progress: bars.
 
@@ -118,11 +120,17 @@ def predict_realworld(
       presence over (lr, T), pooled Spearman and median absolute error.
 
     Raises:
-      ValueError: a task not in the config or the world, a style task, or a method the config
-        does not unlearn with.
+      ValueError: a task not in the config or the world, a style task, a method the config
+        does not unlearn with, or a folder that holds units run with other settings.
     """
     from bridge.realworld.evaluate import task_target
-    from bridge.realworld.experiment import _finetune_set, _slug, _unlearned, check_tasks
+    from bridge.realworld.experiment import (
+        _check_resume,
+        _finetune_set,
+        _slug,
+        _unlearned,
+        check_tasks,
+    )
     from bridge.testbed.predict import predict_and_measure, presence_seeds, step_grid
 
     settings = settings or PredictSettings()
@@ -138,6 +146,7 @@ def predict_realworld(
     out = Path(out_dir)
     folder = out / "predict" / _slug(task) / f"{_slug(method)}_{_slug(label)}"
     folder.mkdir(parents=True, exist_ok=True)
+    _check_resume(out, cfg)  # the cached unlearned UNet and sets must be this config's
     protocol = cfg.protocol()
     bins = protocol.bins(the_task, model.text.similarity)
     erased = the_task.erased[0]

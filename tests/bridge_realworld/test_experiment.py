@@ -115,6 +115,19 @@ def test_an_interrupted_experiment_resumes_to_the_same_table(model, finished, tm
     assert ResultsTable.read_csv(tmp_path / "results.csv").rows == finished[1].rows
 
 
+def test_a_folder_is_resumed_only_with_its_own_settings(model, finished):
+    out, table = finished
+    # threads (and which tasks / methods / recipes run) may change: every unit is done already
+    run_experiment(model, ExperimentConfig(**{**SMALL_RUN, "threads": 2}), out, progress=False)
+    assert ResultsTable.read_csv(out / "results.csv").rows == table.rows
+    changed = ExperimentConfig(**{**SMALL_RUN, "finetune_steps": 4, "uce_from_token": "last"})
+    with pytest.raises(ValueError, match=re.escape(
+        "holds units run with other settings (finetune_steps: 2 -> 4; uce_from_token: 'first' -> "
+        "'last'); give another `--out`"
+    )):  # fmt: skip
+        run_experiment(model, changed, out, progress=False)
+
+
 def _table(final_by_bin, *, unlearned=0.1, synonyms_shift=0.0, others=0.0, lam_effect=None):
     rows = []
 
