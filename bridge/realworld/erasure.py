@@ -8,7 +8,8 @@ unlearning run (method + config):
 * the other concepts' own presence before and after unlearning (target: a drop of at most
   :data:`COLLATERAL_TARGET`), the cost of the erasure to what it should leave alone;
 * the largest return of the erased concept during benign fine-tuning (presence at any checkpoint
-  minus presence after unlearning), with the recipe, bin and step where it happened.
+  after step 0 minus presence after unlearning; negative when every run lowered it), with the
+  recipe, bin and step where it happened.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def erasure_rows(table: ResultsTable) -> list[dict]:
         best, where = None, None
         for k, value in v.items():
             step = step_of(k[3])
-            if k[:3] == (task, algo, config) and step is not None and k[6:] == ("erased", "presence"):
+            if k[:3] == (task, algo, config) and step and k[6:] == ("erased", "presence"):
                 if u is not None and (best is None or value - u > best):
                     best, where = value - u, f"{k[4]} {k[5]} step {step}"
         drop = None if own_b is None or own_u is None else own_b - own_u
