@@ -111,26 +111,48 @@ def _tile(images: torch.Tensor, n: int = 4) -> torch.Tensor:
     return torch.cat(rows, dim=0)
 
 
-def plot_sample_grid(run_dir, path, *, finetune: str = "lora", n: int = 4) -> Path:
+def _largest_returns(run_dir: Path) -> dict[tuple[str, str], tuple[str, float]]:
+    """``{(task slug, run slug): (fine-tuning unit, recovery)}``: per unlearning run, the
+    fine-tuning run (recipe x bin) whose last checkpoint has the most erased-concept presence."""
+    from bridge.realworld.claims import recoveries
+    from bridge.realworld.experiment import _slug
+
+    best: dict[tuple[str, str], tuple[str, float]] = {}
+    table = ResultsTable.read_csv(run_dir / "results.csv")
+    for (task, algo, config, ft, fset), (_, _, rec) in recoveries(table).items():
+        key = (_slug(task), f"{_slug(algo)}_{_slug(config)}")
+        if key not in best or rec > best[key][1]:
+            best[key] = (f"{ft}_{fset}", rec)
+    return best
+
+
+def plot_sample_grid(run_dir, path, *, finetune: str = "largest", n: int = 4) -> Path:
     """Erased-prompt samples: base, then per unlearning run the unlearned and fine-tuned model.
 
-    The fine-tuned column is the ``finetune`` recipe on the MOST similar bin, last checkpoint;
-    the same seeds in every column, so a column-to-column change is the model's own.
+    The fine-tuned column is the last checkpoint of, with ``finetune="largest"`` (default), the
+    fine-tuning run (recipe x bin, named under the cell) that brought the most presence back;
+    with ``"lora"`` or ``"full"``, that recipe on the MOST similar bin. The same seeds in every
+    column, so a column-to-column change is the model's own.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    samples = Path(run_dir) / "samples"
+    run_dir = Path(run_dir)
+    samples = run_dir / "samples"
     files = {p.stem: p for p in samples.glob("*.pt")}
     tasks = sorted({s.split("__")[0] for s in files})
     runs = sorted({s.split("__")[1] for s in files if s.count("__") == 2 and not s.endswith("base")})
     if not tasks:
         raise ValueError(f"no samples in {samples}: run the experiment first.")
-    columns = [("base", None)] + [(r, kind) for r in runs for kind in ("unlearned", finetune)]
+    if finetune not in ("largest", "lora", "full"):
+        raise ValueError(f"`finetune` must be 'largest', 'lora' or 'full', got {finetune!r}.")
+    largest = _largest_returns(run_dir) if finetune == "largest" else {}
+    kind_label = "fine-tuned" if finetune == "largest" else finetune
+    columns = [("base", None)] + [(r, kind) for r in runs for kind in ("unlearned", kind_label)]
     fig, axes = plt.subplots(
-        len(tasks), len(columns), figsize=(1.55 * len(columns), 1.7 * len(tasks) + 0.9),
+        len(tasks), len(columns), figsize=(1.55 * len(columns), 1.85 * len(tasks) + 0.9),
         squeeze=False,
     )
     for i, task in enumerate(tasks):
@@ -145,19 +167,30 @@ def plot_sample_grid(run_dir, path, *, finetune: str = "lora", n: int = 4) -> Pa
                 stem = f"{task}__base"
             elif kind == "unlearned":
                 stem = f"{task}__{run}__unlearned"
+            elif finetune == "largest":
+                unit, rec = largest.get((task, run), ("", 0.0))
+                stem = f"{task}__{run}__{unit}"
+                if stem in files:
+                    ax.set_xlabel(f"{unit.replace('_', ' ')}: {rec:+.2f}", fontsize=7, labelpad=2)
             else:
                 stem = f"{task}__{run}__{last_bin[-1]}" if last_bin else ""
             if stem in files:
                 ax.imshow(_tile(torch.load(files[stem], weights_only=True), n).numpy(),
                           interpolation="nearest")
+            else:
+                ax.set_axis_off()  # this task was not unlearned with this run
             if i == 0:
                 title = "base" if kind is None else f"{run.replace('_', ' ')}\n{kind}"
                 ax.set_title(title, fontsize=8)
             if j == 0:
                 ax.set_ylabel(task.replace("_", " "), fontsize=9)
+    which = (
+        "the fine-tuning run (recipe, bin: presence regained) that brought the most back"
+        if finetune == "largest"
+        else f"benign {finetune} fine-tuning on the most similar bin"
+    )
     fig.suptitle(
-        "Samples of the erased prompt (same seeds): base, after unlearning, after benign "
-        f"{finetune} fine-tuning on the most similar bin",
+        f"Samples of the erased prompt (same seeds): base, after unlearning, and after {which}",
         fontsize=10,
     )
     fig.tight_layout()

@@ -298,4 +298,8 @@ def test_report_merges_folders_into_one_table_with_claims_and_figures(tmp_path):
     for png in ("resurgence.png", "resurgence_synonyms.png", "samples.png"):
         assert (out / png).stat().st_size > 10_000
     assert json.loads((out / "erasure.json").read_text())[0]["task"] == "ship"
+    # the sample grid's fine-tuned column: the run that brought the most back (bin3, +0.4)
+    from bridge.realworld.figures import _largest_returns
+
+    assert _largest_returns(out)[("ship", "uce_lam_0_1")] == ("lora_bin3", pytest.approx(0.4))
     assert (out / "erasure.md").read_text().startswith("| task | unlearning |")
