@@ -185,7 +185,8 @@ def plot_sample_grid(run_dir, path, *, finetune: str = "largest", n: int = 4) ->
             if j == 0:
                 ax.set_ylabel(task.replace("_", " "), fontsize=9)
     which = (
-        "the fine-tuning run (recipe, bin: presence regained) that brought the most back"
+        "the last checkpoint of the fine-tuning run (recipe, bin: presence regained) that "
+        "brought the most back"
         if finetune == "largest"
         else f"benign {finetune} fine-tuning on the most similar bin"
     )
