@@ -70,6 +70,15 @@ def _make_figure(module_name: str, out, runs):
     return module.NAME, module.make(out, runs, progress=False), time.perf_counter() - tick
 
 
+def _init_worker(slots) -> None:
+    """Start a figure worker's JAX backend on a CPU of its own (``slots``: a queue of indices)."""
+    from theory._backend import init_backend_without_lapack_deadlock
+
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    index = slots.get()
+    init_backend_without_lapack_deadlock(cpus[index % len(cpus)] if cpus else None)
+
+
 def default_jobs() -> int:
     """Worker processes for the figures: the CPUs this process may use, at most one a figure."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -120,7 +129,12 @@ def make_all_figures(
 
         # spawn, not fork: a forked child inherits JAX's and BLAS's threads in an unknown state.
         context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+        slots = context.Queue()
+        for index in range(jobs):
+            slots.put(index)
+        with ProcessPoolExecutor(
+            max_workers=jobs, mp_context=context, initializer=_init_worker, initargs=(slots,)
+        ) as pool:
             futures = [pool.submit(_make_figure, m, out, runs) for m in _BY_COST]
             for future in as_completed(futures):
                 report(*future.result())

@@ -49,6 +49,10 @@ def test_parallel_figures_run_every_module_once_and_refuse_no_jobs():
     assert sorted(_BY_COST) == sorted(FIGURE_MODULES) and len(set(_BY_COST)) == len(_BY_COST)
     with pytest.raises(ValueError, match=re.escape("`jobs` must be >= 1, got 0.")):
         make_all_figures(jobs=0)
+    from theory._backend import init_backend_without_lapack_deadlock
+
+    with pytest.raises(ValueError, match="`cpu` 1000000 is not one this process may use"):
+        init_backend_without_lapack_deadlock(cpu=10**6)
 
 
 def test_compare_summaries_reports_each_difference():

@@ -21,16 +21,29 @@ __all__ = [
 ]
 
 
-def init_backend_without_lapack_deadlock() -> None:
-    """Create JAX's CPU client with a one-thread intra-op pool (no effect once JAX is initialised)."""
+def init_backend_without_lapack_deadlock(cpu: int | None = None) -> None:
+    """Create JAX's CPU client with a one-thread intra-op pool (no effect once JAX is initialised).
+
+    The pool's thread is created while the affinity is narrowed, so it keeps running on that one
+    CPU afterwards (Linux: a thread inherits its creator's affinity); the calling thread gets its
+    full affinity back.
+
+    Args:
+      cpu: the CPU that pool thread runs on (default: the lowest this process may use). Processes
+        working side by side should pass different CPUs, or their XLA work shares one core.
+    """
     import jax
     from jax._src import xla_bridge  # no public "is the backend up" query exists
 
-    if xla_bridge.backends_are_initialized() or not hasattr(os, "sched_setaffinity"):
+    if not hasattr(os, "sched_setaffinity"):
         return
     cpus = os.sched_getaffinity(0)
+    if cpu is not None and cpu not in cpus:
+        raise ValueError(f"`cpu` {cpu} is not one this process may use: {sorted(cpus)}.")
+    if xla_bridge.backends_are_initialized():
+        return
     try:
-        os.sched_setaffinity(0, {min(cpus)})
+        os.sched_setaffinity(0, {min(cpus) if cpu is None else cpu})
         jax.devices()
     finally:
         os.sched_setaffinity(0, cpus)
