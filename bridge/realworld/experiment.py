@@ -237,11 +237,18 @@ def _check_resume(out: Path, cfg: ExperimentConfig) -> None:
     """Record the knobs of a new run folder; refuse to resume one run with other knobs.
 
     Raises:
-      ValueError: naming each knob that differs, with both values.
+      ValueError: naming each knob that differs, with both values; or a folder with finished
+        units and no recorded settings.
     """
     path = out / "config.json"
     now = {k: v for k, v in cfg.to_dict().items() if k not in _UNIT_KEYS}
     if not path.is_file():
+        if (out / "progress.json").is_file():
+            raise ValueError(
+                f"{out} holds finished units but no config.json (it was made before run folders "
+                "recorded their settings), so a resume cannot be checked; delete it or give "
+                "another `--out`."
+            )
         atomic_write_json(path, now)
         return
     before = json.loads(path.read_text())

@@ -115,7 +115,7 @@ def test_an_interrupted_experiment_resumes_to_the_same_table(model, finished, tm
     assert ResultsTable.read_csv(tmp_path / "results.csv").rows == finished[1].rows
 
 
-def test_a_folder_is_resumed_only_with_its_own_settings(model, finished):
+def test_a_folder_is_resumed_only_with_its_own_settings(model, finished, tmp_path):
     out, table = finished
     # threads (and which tasks / methods / recipes run) may change: every unit is done already
     run_experiment(model, ExperimentConfig(**{**SMALL_RUN, "threads": 2}), out, progress=False)
@@ -126,6 +126,11 @@ def test_a_folder_is_resumed_only_with_its_own_settings(model, finished):
         "'last'); give another `--out`"
     )):  # fmt: skip
         run_experiment(model, changed, out, progress=False)
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / "progress.json").write_text('{"done": []}')
+    with pytest.raises(ValueError, match="holds finished units but no config.json"):
+        run_experiment(model, ExperimentConfig(**SMALL_RUN), legacy, progress=False)
 
 
 def _table(final_by_bin, *, unlearned=0.1, synonyms_shift=0.0, others=0.0, lam_effect=None):
