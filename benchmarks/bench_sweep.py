@@ -37,6 +37,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -320,16 +321,29 @@ def engine(problems: int, lrs: int):
 
 
 def figure_set():
-    """Wall time and peak RSS of `make_all_figures` in a fresh process (cold runs/ folder)."""
+    """Wall time and peak RSS of `make_all_figures` in fresh processes with an empty JAX compile
+    cache and runs/ folder (cold, as a new machine): with the default jobs (one a CPU) and,
+    as the reference in the same run, with one job."""
+    from experiments.figures_main import default_jobs
+
     code = (
-        "import time, resource, tempfile; t = time.perf_counter()\n"
+        "import sys, time, resource, tempfile; t = time.perf_counter()\n"
         "from experiments.figures_main import make_all_figures\n"
-        "d = tempfile.mkdtemp(); make_all_figures(d + '/figures', d + '/runs', progress=False)\n"
+        "d = tempfile.mkdtemp()\n"
+        "make_all_figures(d + '/figures', d + '/runs', jobs=int(sys.argv[1]), progress=False)\n"
         "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    wall, rss = map(float, done.stdout.split()[-2:])
-    return {"figures_wall_s": round(wall, 1), "figures_peak_rss_mb": round(rss)}
+    out = {"figures_jobs": default_jobs()}
+    for jobs, key in ((default_jobs(), "figures_wall_s"), (1, "figures_wall_s_jobs1")):
+        with tempfile.TemporaryDirectory() as cache:
+            env = {**os.environ, "RESURGENCE_JAX_CACHE": cache}
+            done = subprocess.run([sys.executable, "-c", code, str(jobs)], capture_output=True,
+                                  text=True, check=True, env=env)  # fmt: skip
+        wall, rss = map(float, done.stdout.split()[-2:])
+        out[key] = round(wall, 1)
+        if jobs == default_jobs():
+            out["figures_peak_rss_mb"] = round(rss)  # the parent's; workers have their own
+    return out
 
 
 def main(argv=None):

@@ -159,7 +159,14 @@ FIGURES: list[Figure] = [
         ratio="reference/value",
     ),
     Figure(
-        "sweep", "cold figure set, s (--full only)", "figures_wall_s", target="<= 30", on="value"
+        "sweep",
+        "cold figure set, one job a CPU, s (--full only)",
+        "figures_wall_s",
+        "figures_wall_s_jobs1",
+        "one job, s",
+        ratio="reference/value",
+        target="<= 30",
+        on="value",
     ),
     *[
         Figure(
