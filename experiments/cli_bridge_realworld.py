@@ -342,8 +342,9 @@ def predict(
         Path,
         typer.Option(
             "--out",
-            help="Run folder (an experiment's folder reuses its unlearned "
-            "UNet and fine-tuning sets; finished bins are skipped).",
+            help="Run folder (an experiment's folder run with the same settings lends its "
+            "unlearned UNet and fine-tuning sets, one with other settings is refused; finished "
+            "bins are skipped).",
         ),
     ] = Path("runs/realworld/predict"),
     config: Annotated[
