@@ -61,22 +61,22 @@ _BY_COST = (
 
 
 def _make_figure(module_name: str, out, runs):
-    """One figure (in a worker process when ``jobs > 1``): ``(NAME, FigureResult, seconds)``."""
+    """One figure (in a worker process when ``jobs > 1``):
+    ``(module name, NAME, FigureResult, seconds)``."""
     from experiments.sweep import enable_compilation_cache
 
     enable_compilation_cache()
     tick = time.perf_counter()
     module = importlib.import_module(module_name)
-    return module.NAME, module.make(out, runs, progress=False), time.perf_counter() - tick
+    result = module.make(out, runs, progress=False)
+    return module_name, module.NAME, result, time.perf_counter() - tick
 
 
 def _init_worker(slots) -> None:
     """Start a figure worker's JAX backend on a CPU of its own (``slots``: a queue of indices)."""
-    from theory._backend import init_backend_without_lapack_deadlock
+    from theory._backend import cpu_of_slot, init_backend_without_lapack_deadlock
 
-    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    index = slots.get()
-    init_backend_without_lapack_deadlock(cpus[index % len(cpus)] if cpus else None)
+    init_backend_without_lapack_deadlock(cpu_of_slot(slots.get()))
 
 
 def default_jobs() -> int:
@@ -115,8 +115,8 @@ def make_all_figures(
     done = {}
     start = time.perf_counter()
 
-    def report(name, result, seconds) -> None:
-        done[name] = result
+    def report(module_name, name, result, seconds) -> None:
+        done[module_name] = (name, result)
         if progress:
             print(f"{name}: {result.png} ({seconds:.1f} s)", flush=True)
 
@@ -138,8 +138,7 @@ def make_all_figures(
             futures = [pool.submit(_make_figure, m, out, runs) for m in _BY_COST]
             for future in as_completed(futures):
                 report(*future.result())
-    order = [importlib.import_module(m).NAME for m in FIGURE_MODULES]
-    results = {name: done[name] for name in order}
+    results = dict(done[m] for m in FIGURE_MODULES)  # the paper's order, whatever finished first
     summary = {name: result.summary for name, result in results.items()}
     if bridge_demo:
         summary["bridge_testbed"] = bridge_summary(_run_bridge_demo(out, runs))
