@@ -36,6 +36,10 @@ from theory._atomic import atomic_write, atomic_write_json
 __all__ = ["ExperimentConfig", "check_tasks", "load_experiment_config", "run_experiment"]
 
 
+#: The methods that take anchor prompts and a preserve set (:meth:`ExperimentConfig.targets`).
+_TARGETED = ("uce", "uce_v", "mace")
+
+
 @dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
     """Every knob of ``resurgence bridge realworld experiment`` (flat TOML keys).
@@ -97,8 +101,7 @@ class ExperimentConfig:
             raise ValueError(f"`recipes` has {bad[0]!r}; use 'lora' and/or 'full'.")
         if self.uce_from_token not in ("first", "last"):
             raise ValueError(f"`uce_from_token` must be 'first' or 'last', got {self.uce_from_token!r}.")
-        takes = ("uce", "uce_v", "mace")
-        bad = [m for m in self.preserve_for if _method(m) not in takes]
+        bad = [m for m in self.preserve_for if _method(m) not in _TARGETED]
         if bad:
             raise ValueError(f"`preserve_for` has {bad[0]!r}; only UCE and MACE take a preserve set.")
         if any(lam <= 0 for lam in self.uce_lams):
@@ -162,7 +165,7 @@ class ExperimentConfig:
     def targets(self, method: str, task: Task) -> dict:
         """The task's anchors and preserve set, for the methods that take them (UCE, MACE)."""
         name = _method(method)
-        if name not in ("uce", "uce_v", "mace"):
+        if name not in _TARGETED:
             return {}
         keep = name in {_method(m) for m in self.preserve_for}
         return {"anchors": list(task.anchors) or None, "preserve": list(task.preserved()) if keep else []}
