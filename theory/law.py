@@ -16,12 +16,15 @@ re-implements them.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from theory._precision import float64_if_given
 
 __all__ = [
     "gd_amplification",
+    "one_minus_power",
     "predict_rho",
     "predict_rho_truncated",
     "predict_readout_change",
@@ -35,14 +38,11 @@ __all__ = [
 def gd_amplification(eigenvalues, lr, steps):
     r"""Curvature amplification a(lambda, T) of full-batch GD, exact for every (lr lambda, T).
 
-    .. math:: a(\lambda, T) = \frac{1 - (1 - \eta\lambda)^T}{\lambda}
-              = -\frac{\mathrm{expm1}(T\,\mathrm{log1p}(-\eta\lambda))}{\lambda},
-              \quad a(0, T) = \eta T.
+    .. math:: a(\lambda, T) = \frac{1 - (1 - \eta\lambda)^T}{\lambda}, \quad a(0, T) = \eta T.
 
-    The expm1/log1p form keeps full relative precision as eta lambda -> 0 at any T (a series in
-    eta lambda alone does not: its error grows like (T eta lambda)^2). For eta lambda > 1 the base
-    1 - eta lambda is negative: (1 - x)^T = (-1)^T exp(T log1p(x - 2)), which stays exact near
-    eta lambda = 2 (|base| -> 1).
+    Evaluated without cancellation as eta lambda -> 0 at any T (a series in eta lambda alone is
+    not: its error grows like (T eta lambda)^2), and near eta lambda = 2 (|base| -> 1); see
+    :func:`one_minus_power` for the two exact evaluations.
 
     Args:
       eigenvalues: Hessian eigenvalues, any shape ``(...)``; may be negative.
@@ -56,25 +56,97 @@ def gd_amplification(eigenvalues, lr, steps):
     >>> round(float(gd_amplification(np.array(2.0), 0.1, np.array([3]))[0]), 9)  # (1 - 0.8**3) / 2
     0.244
     """
-    lam = jnp.asarray(eigenvalues)
-    if not jnp.issubdtype(lam.dtype, jnp.floating):
-        lam = lam.astype(jnp.result_type(float))
-    steps = jnp.asarray(steps)
-    t = steps.reshape(steps.shape + (1,) * lam.ndim).astype(lam.dtype)
-    x = jnp.asarray(lr, lam.dtype) * lam
-    odd = jnp.mod(steps.reshape(t.shape), 2) == 1
-    # log|1 - x| with one log1p: of -x for x < 1, of x - 2 for x >= 1 (exact there: Sterbenz).
-    flips = (x >= 1.0) & odd  # (1 - x)^T < 0: odd T and a negative base
-    log_abs_base = jnp.log1p(jnp.where(x < 1.0, -x, x - 2.0))
-    # 1 - (1 - x)^T without cancellation, from one expm1: -expm1(y), or 1 + e^y = 2 + expm1(y)
-    # when the sign flips (no cancellation there: both terms are positive).
-    e = jnp.expm1(t * log_abs_base)
-    one_minus_power = jnp.where(flips, 2.0 + e, -e)
-    # x == 1: the base is exactly 0, so (1 - x)^T = 0 for T >= 1 (log1p(-1) = -inf gives that too,
-    # but 0 * -inf at T = 0 would be NaN).
-    one_minus_power = jnp.where(t == 0, 0.0, one_minus_power)
+    lam = _floating(eigenvalues)
+    lr = jnp.asarray(lr, lam.dtype)
+    one_minus = one_minus_power(lr * lam, steps)
+    t = _steps_like(steps, lam)
     zero = lam == 0
-    return jnp.where(zero, jnp.asarray(lr, lam.dtype) * t, one_minus_power / jnp.where(zero, 1.0, lam))
+    return jnp.where(zero, lr * t, one_minus / jnp.where(zero, 1.0, lam))
+
+
+# Largest unrolled chain (squarings + compositions over all step counts) that
+# :func:`one_minus_power` builds; longer step lists take the expm1/log1p form (one op per T), so a
+# long list does not inflate the compiled program.
+_MAX_CHAIN_OPS = 256
+
+
+def one_minus_power(x, steps):
+    r"""1 - (1 - x)^T for each T in ``steps``, to a few ulps of its conditioning, shape ``(S, ...)``.
+
+    Two exact evaluations, both from e = |1 - x| - 1 (exact: -x for x < 1, x - 2 for x >= 1 by
+    Sterbenz), so no digit of a small x is lost to 1 - x:
+
+    * step counts known when tracing (NumPy, lists, or constants; the usual case): binary powering
+      in the expm1 domain, E(2a) = E(a) (2 + E(a)) and E(a + b) = E(a) + E(b) (1 + E(a)) with
+      E(T) = |1 - x|^T - 1. No term cancels (for |1 - x| < 1 every E is in [-1, 0], above 1 every
+      E is positive), and it takes only multiplications: 3-5x cheaper here than the expm1 form,
+      whose float64 log1p and expm1 dominate the law's cost (issue 12).
+    * traced step counts: E(T) = expm1(T log1p(e)).
+
+    For x > 1 the base is negative: (1 - x)^T = (-1)^T |1 - x|^T, so odd T gives 1 + |1 - x|^T
+    = 2 + E(T) (two positive terms). Both forms are checked against 80-digit arithmetic
+    (tests/theory/test_law.py).
+
+    Args:
+      x: eta lambda, any shape ``(...)`` (floating).
+      steps: step counts ``(S,)``, integers >= 0.
+    """
+    x = _floating(x)
+    e1 = jnp.where(x < 1.0, -x, x - 2.0)
+    chain = _static_chain(steps)
+    if chain is None:
+        t = _steps_like(steps, x)
+        odd = jnp.mod(jnp.asarray(steps).reshape(t.shape), 2) == 1
+        e = jnp.expm1(t * jnp.log1p(e1))
+        # x == 1: the base is exactly 0, so (1 - x)^T = 0 for T >= 1 (log1p(-1) = -inf gives that
+        # too, but 0 * -inf at T = 0 would be NaN).
+        e = jnp.where(t == 0, 0.0, e)
+    else:
+        powers = [e1]  # E(2^j)
+        for _ in range(max(len(bits) for bits in chain) - 1):
+            powers.append(powers[-1] * (2.0 + powers[-1]))
+        rows = []
+        for bits in chain:
+            acc = jnp.zeros_like(x)
+            for j, bit in enumerate(bits):
+                if bit:
+                    acc = acc + powers[j] * (1.0 + acc)
+            rows.append(acc)
+        e = jnp.stack(rows)
+        odd = jnp.asarray(np.asarray(steps) % 2 == 1).reshape((-1,) + (1,) * x.ndim)
+    flips = (x >= 1.0) & odd  # (1 - x)^T < 0: odd T and a negative base
+    return jnp.where(flips, 2.0 + e, -e)
+
+
+def _floating(values):
+    values = jnp.asarray(values)
+    if not jnp.issubdtype(values.dtype, jnp.floating):
+        values = values.astype(jnp.result_type(float))
+    return values
+
+
+def _steps_like(steps, like):
+    """Step counts as a float array of shape ``(S, 1, ..., 1)`` that broadcasts against ``like``."""
+    steps = jnp.asarray(steps)
+    return steps.reshape(steps.shape + (1,) * like.ndim).astype(like.dtype)
+
+
+def _static_chain(steps):
+    """The binary digits (least significant first) of each step count, when the step counts are
+    concrete non-negative integers and their powering chain is short; else None."""
+    try:
+        values = np.asarray(steps)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return None
+    if values.ndim != 1 or values.size == 0 or not np.all(np.isfinite(values)):
+        return None
+    if np.any(values < 0) or np.any(values != np.round(values)):
+        return None
+    counts = [int(v) for v in values]
+    width = max(max(counts).bit_length(), 1)
+    if width - 1 + sum(bin(c).count("1") for c in counts) > _MAX_CHAIN_OPS:
+        return None
+    return [[(c >> j) & 1 for j in range(width)] for c in counts]
 
 
 @float64_if_given
@@ -248,8 +320,15 @@ def truncated_closure_inputs(eigenvalues, eigenvectors, hessian_matvec, grad, de
 
 
 def _law_sum(eigenvalues, grad_coords, coords, lr, steps):
-    """The one kernel of the law: sum_i a_i(T) <g, v_i> <v_i, u> for each T, shape ``(S,)``."""
-    amp = gd_amplification(eigenvalues, lr, steps)  # (S, n)
-    weights = jnp.asarray(grad_coords) * jnp.asarray(coords)
-    return jnp.sum(amp * weights, axis=-1)
+    """The one kernel of the law: sum_i a_i(T) <g, v_i> <v_i, u> for each T, shape ``(S,)``.
 
+    1/lambda_i is folded into the per-eigenpair weight, so it is divided once, not once per T.
+    """
+    lam = _floating(eigenvalues)
+    lr = jnp.asarray(lr, lam.dtype)
+    weights = jnp.asarray(grad_coords) * jnp.asarray(coords)
+    zero = lam == 0
+    per_curvature = jnp.where(zero, 0.0, weights / jnp.where(zero, 1.0, lam))
+    flat = jnp.sum(jnp.where(zero, weights, 0.0), axis=-1)  # a(0, T) = lr T
+    steps_f = _steps_like(steps, flat)
+    return jnp.sum(one_minus_power(lr * lam, steps) * per_curvature, axis=-1) + lr * steps_f * flat

@@ -5,6 +5,7 @@ import math
 import jax
 import mpmath
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -49,15 +50,21 @@ _products = st.one_of(
 )
 
 
+# Step counts traced under jit take the expm1/log1p form; concrete ones the binary powering chain.
+_traced_amplification = jax.jit(gd_amplification)
+
+
+@pytest.mark.parametrize("form", ["binary chain (concrete steps)", "expm1 (traced steps)"])
 @settings(max_examples=300, deadline=None)
 @given(x=_products, lr=st.floats(1e-3, 10.0), steps=st.integers(0, 30_000_000))
-def test_amplification_is_exact_everywhere(x, lr, steps):
+def test_amplification_is_exact_everywhere(form, x, lr, steps):
     lam = x / lr
     # Keep the growing (negative-curvature) case finite in float64.
     if x < 0 and steps * math.log1p(-x) > 600:
         steps = int(600 / math.log1p(-x))
     exact = _exact_amplification(lam, lr, steps)
-    ours = float(gd_amplification(np.array(lam), lr, np.array([steps]))[0])
+    amplification = gd_amplification if form.startswith("binary") else _traced_amplification
+    ours = float(amplification(np.array(lam), lr, np.array([steps]))[0])
     # 8 ulps of the first-order error bound: a handful of float64 roundings.
     tolerance = 8 * _EPS * _error_bound(lam, lr, steps) + 1e-300
     assert abs(ours - exact) <= tolerance, (lam, lr, steps, ours, exact)
@@ -118,3 +125,25 @@ def test_building_a_problem_with_x64_off_warns_once_with_the_fix(monkeypatch):
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # the second call is silent
             make_problem(jax.random.PRNGKey(0), dim=4, embed_dim=3, num_concepts=2, num_levels=2)
+
+
+def test_both_forms_agree_on_a_step_list_and_long_lists_take_the_expm1_form():
+    """The binary chain shares its squarings between step counts; a list whose chain would be
+    longer than _MAX_CHAIN_OPS is evaluated by expm1 instead (same values to a few ulps)."""
+    from theory import law
+
+    rng = np.random.default_rng(3)
+    x = np.concatenate([rng.uniform(-0.2, 1.99, 200), [0.0, 1.0, 2.0, 1e-12, -1e-12]])
+    steps = np.array([0, 1, 2, 3, 7, 10, 100, 1000, 12345])
+    chain = np.asarray(law.one_minus_power(x, steps))
+    traced = np.asarray(jax.jit(law.one_minus_power)(x, steps))
+    np.testing.assert_allclose(chain, traced, rtol=1e-13, atol=0)
+    assert law._static_chain(steps) is not None
+    long_list = np.arange(0, 4000, 7)
+    assert law._static_chain(long_list) is None
+    np.testing.assert_allclose(
+        np.asarray(law.one_minus_power(x, long_list)),
+        np.asarray(jax.jit(law.one_minus_power)(x, long_list)),
+        rtol=0,
+        atol=0,
+    )

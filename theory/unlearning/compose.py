@@ -149,6 +149,18 @@ def unlearn_with(
     Raises:
       ValueError: bad concept indices, or a method that needs retain prompts given none.
     """
+    total, mask, start = solver_inputs(problem, theta_0, method, forget, retain)
+    return method.solver.solve(total, problem.schedule.weights, mask, start), mask
+
+
+def solver_inputs(
+    problem: LinearDiffusionProblem, theta_0, method: UnlearningMethod, forget, retain=None
+):
+    """(objective, mask, start) that ``method``'s solver receives (arguments: :func:`unlearn_with`).
+
+    Raises:
+      ValueError: bad concept indices, or a method that needs retain prompts given none.
+    """
     forget_t, retain_t = resolve_concepts(problem, forget, retain)
     if method.target.needs_retain and (not retain_t or method.retain_weight == 0):
         raise ValueError(
@@ -162,7 +174,7 @@ def unlearn_with(
     forget_q, total = unlearning_objective(problem, theta_0, method, forget_t, retain_t)
     weights = problem.schedule.weights
     mask, start = method.mask.select(theta_0, forget_q.grad(theta_0, weights), problem.dim)
-    return method.solver.solve(total, weights, mask, start), mask
+    return total, mask, start
 
 
 # Registries the error messages are generated from (re-exported for the CLI and tests).

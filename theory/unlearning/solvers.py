@@ -60,10 +60,22 @@ def _solve_masked(objective: Quadratic, mask, start):
 
 
 @jax.jit
-def _smallest_masked_eigenvalue(objective: Quadratic, mask, start):
+def masked_curvature_range(objective: Quadratic, mask, start):
+    """(smallest eigenvalue, largest |eigenvalue|) of the masked systems the closed form solves."""
     system, _ = _masked_systems(objective, mask, start)
     lam = jnp.linalg.eigvalsh(system)
     return jnp.min(lam), jnp.max(jnp.abs(lam))
+
+
+def raise_if_unbounded(lam_min, scale) -> None:
+    """Raise ``ValueError`` when the masked objective has a negative curvature (no minimiser),
+    from the values of :func:`masked_curvature_range`."""
+    if float(lam_min) < -_NEGATIVE_RTOL * max(float(scale), 1e-300):
+        raise ValueError(
+            f"the masked unlearning objective is unbounded below (smallest curvature "
+            f"{float(lam_min):.3g}); the closed form has no minimiser. Increase `proximity` or "
+            "`retain_weight`, or use the `optax` solver for a finite number of steps."
+        )
 
 
 def closed_form() -> Solver:
@@ -75,17 +87,11 @@ def closed_form() -> Solver:
     """
 
     def solve(objective: Quadratic, weights, mask, start):
-        lam_min, scale = _smallest_masked_eigenvalue(objective, mask, start)
-        # Under jit/vmap (sweeps) the values are traced: the sweep engine runs this check
-        # eagerly once per configuration group instead (theory.sweep.check_unlearning).
-        if isinstance(lam_min, jax.core.Tracer):
-            return _solve_masked(objective, mask, start)
-        if float(lam_min) < -_NEGATIVE_RTOL * max(float(scale), 1e-300):
-            raise ValueError(
-                f"the masked unlearning objective is unbounded below (smallest curvature "
-                f"{float(lam_min):.3g}); the closed form has no minimiser. Increase `proximity` or "
-                "`retain_weight`, or use the `optax` solver for a finite number of steps."
-            )
+        lam_min, scale = masked_curvature_range(objective, mask, start)
+        # Under jit/vmap (sweeps) the values are traced: the sweep engine runs this check once
+        # per configuration group instead (theory.sweep.check_unlearning).
+        if not isinstance(lam_min, jax.core.Tracer):
+            raise_if_unbounded(lam_min, scale)
         return _solve_masked(objective, mask, start)
 
     return Solver("closed_form", solve)
