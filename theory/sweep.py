@@ -317,16 +317,18 @@ def _unlearn(problem, theta_0, method_name: str, num_erased: int):
 def check_unlearning(static: ScenarioStatic, knobs: dict) -> None:
     """Raise the unlearning method's own errors for one configuration, before the traced sweep.
 
-    The name, options and concept indices are checked always (at trace time). Only the
-    closed-form solver has a data-dependent check (an unbounded masked objective): its curvature
-    range is computed in one compiled function and checked here. Computed op by op, it compiled
-    ~100 one-op programs per figure (about 3 s of a cold ``resurgence figures``).
+    The name, options and concept indices are checked always. Only the closed-form solver has a
+    data-dependent check (an unbounded masked objective), and only a gradient-ascent target
+    (``needs_retain``) can make the objective unbounded: every other forget term, the retain
+    terms and the proximity term are positive semi-definite quadratics with weights >= 0. For
+    those the curvature range is computed in one compiled function and checked here (computed op
+    by op, it compiled ~100 one-op programs per sweep, about 3 s of a cold ``resurgence figures``).
 
     Raises:
       ValueError: from the unlearning method (unknown option, unbounded closed-form objective).
     """
     method = get_method(static.method)
-    if method.solver.name != "closed_form":
+    if method.solver.name != "closed_form" or not method.target.needs_retain:
         return
     problem_knobs = {k: jnp.asarray(knobs[k]) for k in PROBLEM_KNOBS}
     raise_if_unbounded(*_closed_form_curvature_range(static.for_unlearn(), problem_knobs))

@@ -268,3 +268,30 @@ def test_grid_decomposes_each_problem_once_not_once_per_lr(optimizer):
     hessian = (n_problems, SIZES["num_levels"], SIZES["dim"] + SIZES["embed_dim"])
     assert any(s[:3] == hessian for s in shapes), shapes  # the Hessian blocks, once per problem
     assert all(n_lrs not in s for s in shapes), shapes  # no eigh repeated per learning rate
+
+
+def test_sweep_refuses_an_unbounded_closed_form_method_before_running(monkeypatch):
+    """Only a gradient-ascent target can make the closed form unbounded: the sweep's one-program
+    check raises the solver's own error for it, and passes once proximity bounds it (the eager
+    solve agrees on both)."""
+    from theory.sweep import DYNAMIC_KNOBS, ScenarioStatic, check_unlearning, scenario_problem
+    from theory.unlearning import compose, presets
+
+    def ascent(proximity=1e-3):
+        return compose("gradient_ascent", "all", "closed_form", proximity=proximity)
+
+    monkeypatch.setitem(presets.PRESETS, "ascent_closed_form", ascent)
+    monkeypatch.setitem(presets.PRESETS, "ascent_bounded", lambda: ascent(proximity=10.0))
+    knobs = {k: jnp.asarray(v) for k, v in DYNAMIC_KNOBS.items()}
+    unbounded = ScenarioStatic(dim=6, embed_dim=4, num_concepts=3, num_levels=3,
+                               method="ascent_closed_form")
+    message = "the masked unlearning objective is unbounded below"
+    with pytest.raises(ValueError, match=message):
+        check_unlearning(unbounded, knobs)
+    problem = scenario_problem(unbounded, knobs)
+    theta_0 = theory.bayes_optimal_denoiser(problem)
+    with pytest.raises(ValueError, match=message):
+        unlearn(problem, theta_0, ascent(), 0)
+    bounded = ScenarioStatic(**{**unbounded.__dict__, "method": "ascent_bounded"})
+    check_unlearning(bounded, knobs)  # no error
+    unlearn(problem, theta_0, ascent(proximity=10.0), 0)
