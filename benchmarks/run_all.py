@@ -82,8 +82,8 @@ FIGURES: list[Figure] = [
         "theory",
         "predict_rho evaluations/s (jit+vmap)",
         "predict_rho.evaluations_per_s_jax",
-        "predict_rho.evaluations_per_s_expm1_floor",
-        "its expm1 calls alone (the floor), evaluations/s",
+        "predict_rho.evaluations_per_s_expm1_form",
+        "the exact expm1/log1p form (traced step counts), evaluations/s",
     ),
     Figure(
         "theory",

@@ -93,6 +93,7 @@ def one_minus_power(x, steps):
     """
     x = _floating(x)
     e1 = jnp.where(x < 1.0, -x, x - 2.0)
+    negative_base = x >= 1.0
     chain = _static_chain(steps)
     if chain is None:
         t = _steps_like(steps, x)
@@ -101,21 +102,23 @@ def one_minus_power(x, steps):
         # x == 1: the base is exactly 0, so (1 - x)^T = 0 for T >= 1 (log1p(-1) = -inf gives that
         # too, but 0 * -inf at T = 0 would be NaN).
         e = jnp.where(t == 0, 0.0, e)
-    else:
-        powers = [e1]  # E(2^j)
-        for _ in range(max(len(bits) for bits in chain) - 1):
-            powers.append(powers[-1] * (2.0 + powers[-1]))
-        rows = []
-        for bits in chain:
-            acc = jnp.zeros_like(x)
-            for j, bit in enumerate(bits):
-                if bit:
-                    acc = acc + powers[j] * (1.0 + acc)
-            rows.append(acc)
-        e = jnp.stack(rows)
-        odd = jnp.asarray(np.asarray(steps) % 2 == 1).reshape((-1,) + (1,) * x.ndim)
-    flips = (x >= 1.0) & odd  # (1 - x)^T < 0: odd T and a negative base
-    return jnp.where(flips, 2.0 + e, -e)
+        return jnp.where(negative_base & odd, 2.0 + e, -e)
+    powers = [e1]  # E(2^j)
+    for _ in range(max(len(bits) for bits in chain) - 1):
+        powers.append(powers[-1] * (2.0 + powers[-1]))
+    rows = []
+    for bits in chain:
+        e = None  # E(0) = 0
+        for j, bit in enumerate(bits):
+            if bit:
+                e = powers[j] if e is None else e + powers[j] * (1.0 + e)
+        if e is None:
+            rows.append(jnp.zeros_like(x))
+        elif bits[0]:  # odd T: (1 - x)^T < 0 where the base is negative
+            rows.append(jnp.where(negative_base, 2.0 + e, -e))
+        else:
+            rows.append(-e)
+    return jnp.stack(rows)
 
 
 def _floating(values):

@@ -55,7 +55,7 @@ from theory.finetune import (
 from theory.law import predict_rho_truncated
 from theory.observables import angles_between_orthonormal, curvature_along_delta, spectral_weights
 from theory.observables import rho as rho_observable
-from theory.presence import incidental_presence_matrix, presence
+from theory.presence import incidental_presence_matrix
 from theory.pretrain import bayes_optimal_denoiser
 from theory.problem import DataDistribution, LinearDiffusionProblem, make_noise_schedule
 from theory.quadratic import (
@@ -459,12 +459,14 @@ def scenario_observables(static: ScenarioStatic, state: ScenarioState, lr) -> di
     def forget_loss(theta):
         return diffusion_loss(theta, state.forget_moments, sched)
 
-    def presence_of_erased(theta):
-        return presence(problem, theta, problem.embeddings[:, 0], 0, num_samples=PRESENCE_SAMPLES)
+    def presence_of_erased_per_prompt(theta):  # (K,): column 0 is the erased concept's own prompt
+        return incidental_presence_matrix(problem, theta, [0], num_samples=PRESENCE_SAMPLES)[0]
 
-    def incidental(theta):
-        return incidental_presence_matrix(problem, theta, [0], num_samples=PRESENCE_SAMPLES)
-
+    # One sampler and classifier for every theta (a copy per call site made the compiled
+    # program ~2x larger): theta_0, theta_u, then theta_T for each T.
+    presences = jax.vmap(presence_of_erased_per_prompt)(
+        jnp.concatenate([theta_0[None], theta_u[None], thetas])
+    )
     f_loss = jax.vmap(forget_loss)(thetas)
     recovery = (forget_loss(theta_u) - f_loss) / (forget_loss(theta_u) - forget_loss(theta_0))
     predicted = predicted_rho_closed_form(setup, lr, steps)
@@ -476,9 +478,9 @@ def scenario_observables(static: ScenarioStatic, state: ScenarioState, lr) -> di
         "predicted_rho": predicted,
         "predicted_rho_truncated": _truncated(setup, lr, steps, static.truncation_ranks),
         "forget_loss_recovery": recovery,
-        "presence": jax.vmap(presence_of_erased)(thetas),
-        "presence_before": presence_of_erased(theta_0),
-        "incidental_presence": jnp.concatenate([incidental(theta_u), incidental(thetas[-1])]),
+        "presence": presences[2:, 0],
+        "presence_before": presences[0, 0],
+        "incidental_presence": presences[jnp.asarray([1, -1])],
         "curvature_along_delta": curvature_along_delta(setup.delta, setup.eigen),
         "spectral_weights": spectral_weights(setup.delta, setup.eigen),
         "hessian_eigenvalues": setup.eigen.eigenvalues,
