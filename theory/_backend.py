@@ -81,7 +81,7 @@ def _thread_ids() -> set[int]:
 # the default figure sweeps it compiled 2.4x faster and ran 2.3x slower (same results to
 # round-off), so it halves a cold `resurgence figures`. Passed per function (jax.jit's
 # ``compiler_options``), never process-wide.
-FAST_COMPILE_OPTIONS = {"xla_backend_optimization_level": 0}
+FAST_COMPILE_OPTIONS = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
 # Configurations below which a sweep compiles fast: at O2 a stage compiles in ~5 s and runs
 # ~2.5 ms a configuration on 2 cores, so O0 (~1.5 s compile, ~2.3x the run time) wins up to
 # about 2,000 configurations a stage.

@@ -462,11 +462,10 @@ def scenario_observables(static: ScenarioStatic, state: ScenarioState, lr) -> di
     def presence_of_erased_per_prompt(theta):  # (K,): column 0 is the erased concept's own prompt
         return incidental_presence_matrix(problem, theta, [0], num_samples=PRESENCE_SAMPLES)[0]
 
-    # One sampler and classifier for every theta (a copy per call site made the compiled
-    # program ~2x larger): theta_0, theta_u, then theta_T for each T.
-    presences = jax.vmap(presence_of_erased_per_prompt)(
-        jnp.concatenate([theta_0[None], theta_u[None], thetas])
-    )
+    # One sampler and classifier per group of thetas (a copy per call site made the compiled
+    # program larger): theta_0 and theta_u do not depend on lr, so they stay out of its batch.
+    fixed = jax.vmap(presence_of_erased_per_prompt)(jnp.stack([theta_0, theta_u]))
+    moved = jax.vmap(presence_of_erased_per_prompt)(thetas)
     f_loss = jax.vmap(forget_loss)(thetas)
     recovery = (forget_loss(theta_u) - f_loss) / (forget_loss(theta_u) - forget_loss(theta_0))
     predicted = predicted_rho_closed_form(setup, lr, steps)
@@ -478,9 +477,9 @@ def scenario_observables(static: ScenarioStatic, state: ScenarioState, lr) -> di
         "predicted_rho": predicted,
         "predicted_rho_truncated": _truncated(setup, lr, steps, static.truncation_ranks),
         "forget_loss_recovery": recovery,
-        "presence": presences[2:, 0],
-        "presence_before": presences[0, 0],
-        "incidental_presence": presences[jnp.asarray([1, -1])],
+        "presence": moved[:, 0],
+        "presence_before": fixed[0, 0],
+        "incidental_presence": jnp.stack([fixed[1], moved[-1]]),
         "curvature_along_delta": curvature_along_delta(setup.delta, setup.eigen),
         "spectral_weights": spectral_weights(setup.delta, setup.eigen),
         "hessian_eigenvalues": setup.eigen.eigenvalues,
