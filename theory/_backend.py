@@ -79,8 +79,10 @@ def _thread_ids() -> set[int]:
 
 # XLA's LLVM optimisation level 0 for programs that run for less than they take to compile: on
 # the default figure sweeps it compiled 2.4x faster and ran 2.3x slower (same results to
-# round-off), so it halves a cold `resurgence figures`. Passed per function (jax.jit's
-# ``compiler_options``), never process-wide.
+# round-off), so it halves a cold `resurgence figures`. XLA CPU's newer fusion emitters off as
+# well: the curves figure's programs compiled in 1.6-2.0 s instead of 5.9 s (cold figures 37 ->
+# 25 s on 2 cores); at O2 they made no difference to the law's throughput. Passed per function
+# (jax.jit's ``compiler_options``), never process-wide.
 FAST_COMPILE_OPTIONS = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
 # Configurations below which a sweep compiles fast: at O2 a stage compiles in ~5 s and runs
 # ~2.5 ms a configuration on 2 cores, so O0 (~1.5 s compile, ~2.3x the run time) wins up to
