@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from theory._backend import FAST_COMPILE_OPTIONS
 from theory.finetune import (
     FinetuneSetup,
     finetune_setup,
@@ -65,7 +66,6 @@ from theory.quadratic import (
     second_moments,
     split_params,
 )
-from theory._backend import FAST_COMPILE_OPTIONS
 from theory.unlearning import get_method, unlearn_with
 from theory.unlearning.compose import solver_inputs
 from theory.unlearning.solvers import masked_curvature_range, raise_if_unbounded
