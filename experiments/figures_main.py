@@ -72,11 +72,11 @@ def _make_figure(module_name: str, out, runs):
     return module_name, module.NAME, result, time.perf_counter() - tick
 
 
-def _init_worker(slots) -> None:
-    """Start a figure worker's JAX backend on a CPU of its own (``slots``: a queue of indices)."""
-    from theory._backend import cpu_of_slot, init_backend_without_lapack_deadlock
+def _init_worker() -> None:
+    """Start a figure worker's JAX backend (one-thread pool, threads free to use every CPU)."""
+    from theory._backend import init_backend_without_lapack_deadlock
 
-    init_backend_without_lapack_deadlock(cpu_of_slot(slots.get()))
+    init_backend_without_lapack_deadlock()
 
 
 def default_jobs() -> int:
@@ -129,11 +129,8 @@ def make_all_figures(
 
         # spawn, not fork: a forked child inherits JAX's and BLAS's threads in an unknown state.
         context = multiprocessing.get_context("spawn")
-        slots = context.Queue()
-        for index in range(jobs):
-            slots.put(index)
         with ProcessPoolExecutor(
-            max_workers=jobs, mp_context=context, initializer=_init_worker, initargs=(slots,)
+            max_workers=jobs, mp_context=context, initializer=_init_worker
         ) as pool:
             futures = [pool.submit(_make_figure, m, out, runs) for m in _BY_COST]
             for future in as_completed(futures):

@@ -90,3 +90,26 @@ def test_readme_python_examples_print_what_they_say():
     # The output_rho prediction is exact: it equals the readout at the closed-form GD theta_T.
     exact = [float(namespace["ro"].value["output_rho"](t)) for t in namespace["result"].params[1:3]]
     np.testing.assert_allclose(np.asarray(namespace["change"]), exact, rtol=1e-10)
+
+
+def test_no_jax_thread_stays_pinned_to_the_cpu_its_client_was_created_on():
+    """The client is created with the affinity narrowed to one CPU (a one-thread pool); its
+    threads must get the process's CPUs back, or every XLA thread shares one core."""
+    import os
+
+    import jax
+
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
+    if len(cpus) < 2 or not os.path.isdir("/proc/self/task"):
+        pytest.skip("needs Linux and at least two usable CPUs")
+    jax.devices()  # conftest started the backend through init_backend_without_lapack_deadlock
+    pinned = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            allowed = os.sched_getaffinity(int(tid))
+        except OSError:  # the thread has exited
+            continue
+        if allowed != cpus:
+            with open(f"/proc/self/task/{tid}/comm") as comm:
+                pinned[comm.read().strip()] = sorted(allowed)
+    assert not pinned, f"threads restricted to fewer CPUs than the process's {sorted(cpus)}: {pinned}"

@@ -14,22 +14,11 @@ from __future__ import annotations
 import os
 
 __all__ = [
-    "cpu_of_slot",
     "init_backend_without_lapack_deadlock",
     "FAST_COMPILE_OPTIONS",
     "FAST_COMPILE_MAX_CONFIGURATIONS",
     "compiles_fast",
 ]
-
-
-def cpu_of_slot(slot: int) -> int | None:
-    """The ``slot``-th CPU this process may use (wrapping around), for processes that work side by
-    side and each pass their own CPU to :func:`init_backend_without_lapack_deadlock`; ``None``
-    where the OS has no affinity query."""
-    if not hasattr(os, "sched_getaffinity"):
-        return None
-    cpus = sorted(os.sched_getaffinity(0))
-    return cpus[slot % len(cpus)]
 
 
 def init_backend_without_lapack_deadlock(cpu: int | None = None) -> None:

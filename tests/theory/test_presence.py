@@ -87,3 +87,24 @@ def test_presence_bad_input(setup):
         match=re.escape("`method` must be one of ('auto', 'closed_form', 'monte_carlo')"),
     ):
         presence(problem, theta, c, 0, method="exact")
+
+
+def test_fixed_key_normals_are_constants_of_the_program_and_traced_keys_still_sample():
+    """standard_normal_draws is jax.random.normal bit for bit: drawn while tracing for a concrete
+    key (no sampler in the compiled program), traced as usual for a traced key."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from theory.presence import standard_normal_draws
+
+    key = jax.random.PRNGKey(0)
+    eager = np.asarray(jax.random.normal(key, (64, 3), jnp.float64))
+    fixed = jax.jit(lambda scale: scale * standard_normal_draws(key, (64, 3), jnp.float64))
+    np.testing.assert_array_equal(np.asarray(fixed(1.0)), eager)
+    hlo = fixed.lower(1.0).as_text()
+    assert "threefry" not in hlo and "erf_inv" not in hlo, "the sampler was compiled in"
+    seeds = jnp.arange(3)
+    traced = jax.jit(jax.vmap(lambda s: standard_normal_draws(jax.random.PRNGKey(s), (4,), jnp.float64)))
+    expected = np.stack([np.asarray(jax.random.normal(jax.random.PRNGKey(s), (4,), jnp.float64)) for s in range(3)])
+    np.testing.assert_array_equal(np.asarray(traced(seeds)), expected)
