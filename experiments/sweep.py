@@ -175,7 +175,7 @@ def _jitted(stage: str, part, devices: tuple, fast_compile: bool = False):
     this process; ``fast_compile``: XLA optimisation level 0 (:mod:`theory._backend`)."""
     import jax
 
-    from theory._backend import FAST_COMPILE_OPTIONS
+    from theory._backend import FAST_COMPILE_OPTIONS, SWEEP_COMPILE_OPTIONS
     from theory.sweep import base_grid, finish_grid, observe_grid, unlearn_grid
 
     sharding, replicated = _shardings(devices)
@@ -192,7 +192,7 @@ def _jitted(stage: str, part, devices: tuple, fast_compile: bool = False):
     }
     fn, shardings = stages[stage]
     fn.__name__ = f"sweep_{stage}"  # names the compile in JAX's logs and profiles
-    options = dict(FAST_COMPILE_OPTIONS) if fast_compile else None
+    options = dict(FAST_COMPILE_OPTIONS if fast_compile else SWEEP_COMPILE_OPTIONS)
     return jax.jit(
         fn, in_shardings=shardings, out_shardings=sharding, compiler_options=options
     )
