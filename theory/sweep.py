@@ -320,9 +320,10 @@ def check_unlearning(static: ScenarioStatic, knobs: dict) -> None:
     The name, options and concept indices are checked always. Only the closed-form solver has a
     data-dependent check (an unbounded masked objective), and only a gradient-ascent target
     (``needs_retain``) can make the objective unbounded: every other forget term, the retain
-    terms and the proximity term are positive semi-definite quadratics with weights >= 0. For
-    those the curvature range is computed in one compiled function and checked here (computed op
-    by op, it compiled ~100 one-op programs per sweep, about 3 s of a cold ``resurgence figures``).
+    terms and the proximity term are positive semi-definite quadratics with weights >= 0. For a
+    closed-form method with a gradient-ascent target the curvature range is computed in one
+    compiled function and checked here (computed op by op, it compiled ~100 one-op programs per
+    sweep, about 3 s of a cold ``resurgence figures``).
 
     Raises:
       ValueError: from the unlearning method (unknown option, unbounded closed-form objective).

@@ -274,6 +274,8 @@ def test_sweep_refuses_an_unbounded_closed_form_method_before_running(monkeypatc
     """Only a gradient-ascent target can make the closed form unbounded: the sweep's one-program
     check raises the solver's own error for it, and passes once proximity bounds it (the eager
     solve agrees on both)."""
+    import dataclasses
+
     from theory.sweep import DYNAMIC_KNOBS, ScenarioStatic, check_unlearning, scenario_problem
     from theory.unlearning import compose, presets
 
@@ -283,8 +285,9 @@ def test_sweep_refuses_an_unbounded_closed_form_method_before_running(monkeypatc
     monkeypatch.setitem(presets.PRESETS, "ascent_closed_form", ascent)
     monkeypatch.setitem(presets.PRESETS, "ascent_bounded", lambda: ascent(proximity=10.0))
     knobs = {k: jnp.asarray(v) for k, v in DYNAMIC_KNOBS.items()}
-    unbounded = ScenarioStatic(dim=6, embed_dim=4, num_concepts=3, num_levels=3,
-                               method="ascent_closed_form")
+    unbounded = ScenarioStatic(
+        dim=6, embed_dim=4, num_concepts=3, num_levels=3, method="ascent_closed_form"
+    )
     message = "the masked unlearning objective is unbounded below"
     with pytest.raises(ValueError, match=message):
         check_unlearning(unbounded, knobs)
@@ -292,6 +295,6 @@ def test_sweep_refuses_an_unbounded_closed_form_method_before_running(monkeypatc
     theta_0 = theory.bayes_optimal_denoiser(problem)
     with pytest.raises(ValueError, match=message):
         unlearn(problem, theta_0, ascent(), 0)
-    bounded = ScenarioStatic(**{**unbounded.__dict__, "method": "ascent_bounded"})
+    bounded = dataclasses.replace(unbounded, method="ascent_bounded")
     check_unlearning(bounded, knobs)  # no error
     unlearn(problem, theta_0, ascent(proximity=10.0), 0)
