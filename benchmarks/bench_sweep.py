@@ -12,7 +12,9 @@ counts (the law with all eigenpairs, exact for GD).
   >= 30x the NumPy loop.
 * ``problem_axes``: every configuration a distinct problem (nothing to share), against the
   eigendecompositions alone (the same batched LAPACK eigh on the same Hessian blocks): the LAPACK
-  floor. Target: floor / sweep >= 0.8.
+  floor. Target: floor / sweep >= 0.8. The report also splits the sweep into its stages
+  (theta_0's inverses, unlearning + moments, eigh, gradient + coordinates + law) and gives the
+  ratio to all of its LAPACK work (eigh + theta_0's inverses).
 * ``engine``: the sweep engine itself (:func:`theory.sweep.run_grid`, all observables, d=12 m=8,
   the default figure sizes): time per configuration of an 8-method grid (8 compiled variants) vs
   single-method grids (one method's unlearning per configuration: the ratio to their mean is ~1),
@@ -219,6 +221,51 @@ def eigh_floor(gen, cov, emb):
     return run
 
 
+def stage_seconds(gen, cov, emb, lr):
+    """Where the problem-axes sweep's time goes: each stage as the difference of two programs,
+    the sweep cut after that stage and after the one before (same lax.map batches). theta_0's
+    5 SPD inverses of d x d are LAPACK work the eigh-only floor leaves out."""
+    import jax
+    import jax.numpy as jnp
+
+    import theory
+    from theory.problem import LinearDiffusionProblem, make_noise_schedule
+
+    schedule = make_noise_schedule(L)
+    probs = jnp.asarray([0.0] + [1.0 / (K - 1)] * (K - 1))
+
+    def cut(stage):
+        def one(A, S, C, eta):
+            problem = LinearDiffusionProblem(A, S, C, schedule)
+            theta0 = theory.bayes_optimal_denoiser(problem)
+            if stage == "theta_0":
+                return jnp.sum(theta0)
+            retained = C * (probs > 0)
+            gram = RIDGE * jnp.eye(M) + C @ C.T
+            v_u = theta0[..., D:] @ (RIDGE * jnp.eye(M) + retained @ retained.T)
+            theta_u = theta0.at[..., D:].set(v_u @ jnp.linalg.inv(gram))
+            data = theory.DataDistribution(C, A @ C, probs, jnp.zeros(()))
+            moments = theory.second_moments(problem, data)
+            if stage == "unlearning+moments":
+                return jnp.sum(moments) + jnp.sum(theta_u)
+            eigen = theory.hessian_eigen(moments, schedule)
+            return jnp.sum(eigen.eigenvalues) + jnp.sum(eigen.eigenvectors) + jnp.sum(theta_u)
+
+        return jax.jit(lambda *xs: jax.lax.map(lambda x: one(*x), xs, batch_size=125))
+
+    args = [jnp.asarray(x) for x in (gen, cov, emb, lr)]
+    upto = {
+        stage: _best(lambda f=cut(stage): f(*args))[1]
+        for stage in ("theta_0", "unlearning+moments", "eigh")
+    }
+    return {
+        "theta_0 (SPD inverses)": upto["theta_0"],
+        "unlearning+moments": upto["unlearning+moments"] - upto["theta_0"],
+        "eigh": upto["eigh"] - upto["unlearning+moments"],
+        "upto_eigh": upto["eigh"],
+    }
+
+
 def numpy_factored(gen, cov, emb, lrs):
     """The NumPy loop over P problems, each eigh once, every lr from it (an extra reference)."""
     a, s, w = _schedule()
@@ -370,6 +417,7 @@ def main(argv=None):
     inputs = make_inputs(args.configs)
     rho_jax, compile_and_run, run = jax_sweep(*inputs)
     floor = eigh_floor(*inputs[:3])
+    stages = stage_seconds(*inputs)
     t0 = time.perf_counter()
     rho_np = numpy_reference(*inputs)
     numpy_s = time.perf_counter() - t0
@@ -405,6 +453,15 @@ def main(argv=None):
             "sweep_s": round(run, 3),
             "eigh_floor_s": round(floor, 3),
             "floor_over_sweep": round(floor / run, 3),
+            "stages_s": {
+                "theta_0 (SPD inverses)": round(stages["theta_0 (SPD inverses)"], 3),
+                "unlearning+moments": round(stages["unlearning+moments"], 3),
+                "eigh": round(stages["eigh"], 3),
+                "gradient+coordinates+law": round(run - stages["upto_eigh"], 3),
+            },
+            # the LAPACK work of the workload: the eigh floor and theta_0's inverses
+            "lapack_floor_s": round(floor + stages["theta_0 (SPD inverses)"], 3),
+            "lapack_floor_over_sweep": round((floor + stages["theta_0 (SPD inverses)"]) / run, 3),
         },
         "lr_grid": {
             "problems": n_prob,

@@ -145,6 +145,14 @@ FIGURES: list[Figure] = [
     ),
     Figure(
         "sweep",
+        "problem-changing axes sweep, s",
+        "problem_axes.sweep_s",
+        "problem_axes.lapack_floor_s",
+        "its eigh + theta_0 inverses alone, s",
+        ratio="reference/value",
+    ),
+    Figure(
+        "sweep",
         "engine: 8-method grid, s per config",
         "engine.new_8method_grid_per_config_s",
         "engine.old_8method_grid_per_config_s",
