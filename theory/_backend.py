@@ -9,8 +9,10 @@ moment only. Source: jaxlib/cpu/lapack_kernels.cc ``ParallelBatchMap`` (jax comm
 0.10.0-0.11.0); jax commit 8599924 (after 0.11.0) stops open-source builds from splitting LAPACK
 batches, so with a release that has it this guard can go and XLA gets every core back. Re-checked
 on 2026-12-06 with jaxlib 0.10.2: JAX's default client hangs on ``benchmarks.bench_sweep``'s
-500-configuration problem-axes workload. Called by the CLI, the sweep engine, the benchmarks and the test suite; a library
-user who drives big vmapped eigh batches on few cores can call it before any JAX operation.
+500-configuration problem-axes workload.
+
+Called by the CLI, the sweep engine, the benchmarks and the test suite; a library user who drives
+big vmapped eigh batches on few cores can call it before any JAX operation.
 """
 
 from __future__ import annotations
