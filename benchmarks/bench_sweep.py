@@ -118,24 +118,13 @@ def jax_sweep(gen, cov, emb, lr):
     import jax.numpy as jnp
 
     import theory
-    from theory.problem import LinearDiffusionProblem, make_noise_schedule
 
-    schedule = make_noise_schedule(L)
-    probs = jnp.asarray([0.0] + [1.0 / (K - 1)] * (K - 1))
+    prepare = _prepared()
 
     def one(A, S, C, eta):
-        problem = LinearDiffusionProblem(A, S, C, schedule)
-        theta0 = theory.bayes_optimal_denoiser(problem)
-        retained = C * (probs > 0)
-        gram = RIDGE * jnp.eye(M) + C @ C.T
-        v_u = theta0[..., D:] @ (RIDGE * jnp.eye(M) + retained @ retained.T) @ jnp.linalg.inv(gram)
-        theta_u = theta0.at[..., D:].set(v_u)
-        data = theory.DataDistribution(C, A @ C, probs, jnp.zeros(()))
-        setup = theory.finetune_setup(problem, data, theta_u, theta0)
-        return theory.predicted_rho_closed_form(setup, eta, jnp.asarray(STEPS))
+        return theory.predicted_rho_closed_form(prepare(A, S, C), eta, jnp.asarray(STEPS))
 
-    # lax.map in batches of 125 configurations bounds the memory of the vmapped intermediates.
-    fn = jax.jit(lambda *xs: jax.lax.map(lambda x: one(*x), xs, batch_size=125))
+    fn = _mapped(one)
     args = [jnp.asarray(x) for x in (gen, cov, emb, lr)]
     t0 = time.perf_counter()
     jax.block_until_ready(fn(*args))
@@ -160,21 +149,39 @@ def _best(fn, repeat=2):
     return first, best, out
 
 
-def _prepared(schedule, probs):
-    """The bench workload split as the sweep engine splits it: problem work, then the law."""
+def _mapped(one):
+    """jit of ``one`` over the configurations' leading axis; lax.map in batches of 125
+    configurations bounds the memory of the vmapped intermediates."""
+    import jax
+
+    return jax.jit(lambda *xs: jax.lax.map(lambda x: one(*x), xs, batch_size=125))
+
+
+def _unlearned(A, S, C):
+    """The bench workload up to the unlearning, for one configuration: (problem, fine-tuning
+    data, theta_0, theta_u)."""
     import jax.numpy as jnp
 
     import theory
-    from theory.problem import LinearDiffusionProblem
+    from theory.problem import LinearDiffusionProblem, make_noise_schedule
+
+    probs = jnp.asarray([0.0] + [1.0 / (K - 1)] * (K - 1))
+    problem = LinearDiffusionProblem(A, S, C, make_noise_schedule(L))
+    theta0 = theory.bayes_optimal_denoiser(problem)
+    retained = C * (probs > 0)
+    gram = RIDGE * jnp.eye(M) + C @ C.T
+    v_u = theta0[..., D:] @ (RIDGE * jnp.eye(M) + retained @ retained.T) @ jnp.linalg.inv(gram)
+    theta_u = theta0.at[..., D:].set(v_u)
+    data = theory.DataDistribution(C, A @ C, probs, jnp.zeros(()))
+    return problem, data, theta0, theta_u
+
+
+def _prepared():
+    """The bench workload split as the sweep engine splits it: problem work, then the law."""
+    import theory
 
     def prepare(A, S, C):
-        problem = LinearDiffusionProblem(A, S, C, schedule)
-        theta0 = theory.bayes_optimal_denoiser(problem)
-        retained = C * (probs > 0)
-        gram = RIDGE * jnp.eye(M) + C @ C.T
-        v_u = theta0[..., D:] @ (RIDGE * jnp.eye(M) + retained @ retained.T) @ jnp.linalg.inv(gram)
-        theta_u = theta0.at[..., D:].set(v_u)
-        data = theory.DataDistribution(C, A @ C, probs, jnp.zeros(()))
+        problem, data, theta0, theta_u = _unlearned(A, S, C)
         return theory.finetune_setup(problem, data, theta_u, theta0)
 
     return prepare
@@ -186,16 +193,15 @@ def jax_lr_grid(gen, cov, emb, lrs):
     import jax.numpy as jnp
 
     import theory
-    from theory.problem import make_noise_schedule
 
-    prepare = _prepared(make_noise_schedule(L), jnp.asarray([0.0] + [1.0 / (K - 1)] * (K - 1)))
+    prepare = _prepared()
     steps = jnp.asarray(STEPS)
 
     def one(A, S, C):
         setup = prepare(A, S, C)
         return jax.vmap(lambda eta: theory.predicted_rho_closed_form(setup, eta, steps))(lrs)
 
-    fn = jax.jit(lambda *xs: jax.lax.map(lambda x: one(*x), xs, batch_size=125))
+    fn = _mapped(one)
     args = [jnp.asarray(x) for x in (gen, cov, emb)]
     first, run, out = _best(lambda: fn(*args))
     return np.asarray(out), first, run
@@ -204,56 +210,44 @@ def jax_lr_grid(gen, cov, emb, lrs):
 def eigh_floor(gen, cov, emb):
     """Seconds of the eigendecompositions alone: the same batched eigh on the same Hessian blocks
     (built untimed), in the same lax.map batches as the sweep."""
-    import jax
     import jax.numpy as jnp
 
     from theory.problem import make_noise_schedule
 
-    prepare = _prepared(make_noise_schedule(L), jnp.asarray([0.0] + [1.0 / (K - 1)] * (K - 1)))
+    prepare = _prepared()
     w = make_noise_schedule(L).weights
-    blocks = jax.jit(
-        lambda *xs: jax.lax.map(
-            lambda x: 2 * w[:, None, None] * prepare(*x).moments, xs, batch_size=125
-        )
-    )(*(jnp.asarray(x) for x in (gen, cov, emb)))
-    fn = jax.jit(lambda b: jax.lax.map(jnp.linalg.eigh, b, batch_size=125))
+    blocks = _mapped(lambda A, S, C: 2 * w[:, None, None] * prepare(A, S, C).moments)(
+        *(jnp.asarray(x) for x in (gen, cov, emb))
+    )
+    fn = _mapped(jnp.linalg.eigh)
     _, run, _ = _best(lambda: fn(blocks))
     return run
 
 
-def stage_seconds(gen, cov, emb, lr):
+def stage_seconds(gen, cov, emb):
     """Where the problem-axes sweep's time goes: each stage as the difference of two programs,
     the sweep cut after that stage and after the one before (same lax.map batches). theta_0's
     5 SPD inverses of d x d are LAPACK work the eigh-only floor leaves out."""
-    import jax
     import jax.numpy as jnp
 
     import theory
     from theory.problem import LinearDiffusionProblem, make_noise_schedule
 
-    schedule = make_noise_schedule(L)
-    probs = jnp.asarray([0.0] + [1.0 / (K - 1)] * (K - 1))
-
     def cut(stage):
-        def one(A, S, C, eta):
-            problem = LinearDiffusionProblem(A, S, C, schedule)
-            theta0 = theory.bayes_optimal_denoiser(problem)
+        def one(A, S, C):
             if stage == "theta_0":
-                return jnp.sum(theta0)
-            retained = C * (probs > 0)
-            gram = RIDGE * jnp.eye(M) + C @ C.T
-            v_u = theta0[..., D:] @ (RIDGE * jnp.eye(M) + retained @ retained.T)
-            theta_u = theta0.at[..., D:].set(v_u @ jnp.linalg.inv(gram))
-            data = theory.DataDistribution(C, A @ C, probs, jnp.zeros(()))
+                problem = LinearDiffusionProblem(A, S, C, make_noise_schedule(L))
+                return jnp.sum(theory.bayes_optimal_denoiser(problem))
+            problem, data, _, theta_u = _unlearned(A, S, C)
             moments = theory.second_moments(problem, data)
             if stage == "unlearning+moments":
                 return jnp.sum(moments) + jnp.sum(theta_u)
-            eigen = theory.hessian_eigen(moments, schedule)
+            eigen = theory.hessian_eigen(moments, problem.schedule)
             return jnp.sum(eigen.eigenvalues) + jnp.sum(eigen.eigenvectors) + jnp.sum(theta_u)
 
-        return jax.jit(lambda *xs: jax.lax.map(lambda x: one(*x), xs, batch_size=125))
+        return _mapped(one)
 
-    args = [jnp.asarray(x) for x in (gen, cov, emb, lr)]
+    args = [jnp.asarray(x) for x in (gen, cov, emb)]
     upto = {
         stage: _best(lambda f=cut(stage): f(*args))[1]
         for stage in ("theta_0", "unlearning+moments", "eigh")
@@ -417,7 +411,7 @@ def main(argv=None):
     inputs = make_inputs(args.configs)
     rho_jax, compile_and_run, run = jax_sweep(*inputs)
     floor = eigh_floor(*inputs[:3])
-    stages = stage_seconds(*inputs)
+    stages = stage_seconds(*inputs[:3])
     t0 = time.perf_counter()
     rho_np = numpy_reference(*inputs)
     numpy_s = time.perf_counter() - t0
